@@ -1,0 +1,1 @@
+"""Deep and denoising autoencoders on MNIST and Fashion-MNIST."""

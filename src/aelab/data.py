@@ -1,0 +1,166 @@
+"""MNIST and Fashion-MNIST served as in-memory tensors.
+
+The images are read once through torchvision's dataset classes, scaled to [0, 1],
+flattened to 784 values and kept as a single tensor. Batches are slices of that tensor,
+so the training path has no per-image transform and no collate step.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torchvision.datasets import MNIST, FashionMNIST
+
+from aelab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DATASETS = {"mnist": MNIST, "fmnist": FashionMNIST}
+IMAGE_SIDE = 28
+NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+
+# magic numbers of the IDX format: unsigned bytes with 3 dimensions (images) or 1 (labels)
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+
+
+class TensorBatches(Dataset):
+    """A dataset whose items are whole batches: indexing with a list of rows slices them."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, rows: list[int]) -> torch.Tensor:
+        return self.images[rows]
+
+
+def raw_files(dataset: str) -> list[str]:
+    """Names of the uncompressed IDX files torchvision expects for `dataset`."""
+    return [Path(url).stem for url, _ in DATASETS[dataset].resources]
+
+
+def check_idx_file(path: Path) -> None:
+    """Raise a DataError naming `path` if its IDX header or size is not that of MNIST."""
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise DataError(f"{path}: file is truncated ({len(data)} bytes); delete it and download again")
+    magic, count = struct.unpack(">II", data[:8])
+    if magic == IMAGES_MAGIC:
+        if len(data) < 16:
+            raise DataError(f"{path}: image header is truncated; delete it and download again")
+        rows, cols = struct.unpack(">II", data[8:16])
+        if (rows, cols) != (IMAGE_SIDE, IMAGE_SIDE):
+            raise DataError(
+                f"{path}: images are {rows}x{cols}, expected {IMAGE_SIDE}x{IMAGE_SIDE}; "
+                "point paths.data_dir at MNIST-format files"
+            )
+        expected = 16 + count * rows * cols
+    elif magic == LABELS_MAGIC:
+        expected = 8 + count
+    else:
+        raise DataError(
+            f"{path}: wrong magic number {magic:#010x} (expected {IMAGES_MAGIC:#010x} for images "
+            f"or {LABELS_MAGIC:#010x} for labels); the file is corrupt or not an IDX file"
+        )
+    if len(data) != expected:
+        raise DataError(
+            f"{path}: size is {len(data)} bytes but its header announces {expected}; "
+            "the file is truncated or corrupt, delete it and download again"
+        )
+
+
+def load_images(dataset: str, data_dir: str | Path, train: bool, download: bool) -> torch.Tensor:
+    """Read one split of `dataset` as a float tensor of shape (N, 784) in [0, 1]."""
+    if dataset not in DATASETS:
+        raise DataError(f"data.name={dataset!r} is unknown; choose one of {sorted(DATASETS)}")
+    cls = DATASETS[dataset]
+    raw_dir = Path(data_dir) / cls.__name__ / "raw"
+    missing = [name for name in raw_files(dataset) if not (raw_dir / name).is_file()]
+
+    if missing and download:
+        try:
+            cls(str(data_dir), train=train, download=True)
+        except Exception as err:  # torchvision raises a bare RuntimeError when offline
+            log.warning("download of %s failed: %s", dataset, str(err).splitlines()[0])
+        missing = [name for name in raw_files(dataset) if not (raw_dir / name).is_file()]
+    if missing:
+        raise DataError(
+            f"{dataset} files not found in {raw_dir} (missing: {', '.join(missing)}) and they "
+            "could not be downloaded; set paths.data_dir or AELAB_DATA_DIR to a folder holding "
+            f"{cls.__name__}/raw/ with those IDX files"
+        )
+
+    for name in raw_files(dataset):
+        check_idx_file(raw_dir / name)
+    images = cls(str(data_dir), train=train, download=False).data
+    return images.reshape(images.shape[0], NUM_PIXELS).float().div_(255.0)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Serves one of MNIST / Fashion-MNIST as flattened images, without labels.
+
+    The 60k training images are split into train and validation with a fixed seed, so
+    every run (and every rank under DDP) sees the same split.
+    """
+
+    def __init__(
+        self,
+        name: str = "mnist",
+        data_dir: str = "data",
+        batch_size: int = 128,
+        val_size: int = 5000,
+        split_seed: int = 12345,
+        download: bool = True,
+        eval_batch_size: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_images: torch.Tensor | None = None
+        self.val_images: torch.Tensor | None = None
+        self.test_images: torch.Tensor | None = None
+
+    def prepare_data(self) -> None:
+        # runs on one process only: downloads if needed, and fails early on bad files
+        for train in (True, False):
+            load_images(self.hparams.name, self.hparams.data_dir, train, self.hparams.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit", "validate") and self.train_images is None:
+            images = load_images(hp.name, hp.data_dir, train=True, download=False)
+            if not 0 < hp.val_size < images.shape[0]:
+                raise DataError(
+                    f"data.val_size={hp.val_size} must be between 1 and {images.shape[0] - 1} "
+                    f"for the {images.shape[0]} training images"
+                )
+            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(hp.split_seed))
+            self.val_images = images[order[: hp.val_size]].contiguous()
+            self.train_images = images[order[hp.val_size :]].contiguous()
+        if stage in (None, "test", "predict") and self.test_images is None:
+            self.test_images = load_images(hp.name, hp.data_dir, train=False, download=False)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = RandomSampler(self.train_images)
+        return self._batches(self.train_images, sampler, self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = SequentialSampler(self.val_images)
+        return self._batches(self.val_images, sampler, self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        sampler = SequentialSampler(self.test_images)
+        return self._batches(self.test_images, sampler, self.hparams.eval_batch_size)
+
+    @staticmethod
+    def _batches(images: torch.Tensor, sampler, batch_size: int) -> DataLoader:
+        # batch_size=None: the sampler already yields whole batches of row indices
+        batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+        return DataLoader(TensorBatches(images), sampler=batches, batch_size=None)
