@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
-from torchmetrics import MeanSquaredError
+from torchmetrics import MeanSquaredError, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from aelab.data import NUM_PIXELS
@@ -79,8 +79,10 @@ class Autoencoder(LightningModule):
         self.encoder = mlp(dims, dropout, output=None)
         self.decoder = mlp(dims[::-1], dropout, output=nn.Sigmoid())
 
-        self.mse = nn.ModuleDict({stage: MeanSquaredError() for stage in STAGES})
-        self.psnr = nn.ModuleDict({stage: psnr_metric() for stage in STAGES})
+        # MSE and PSNR of the reconstruction, one collection per stage
+        for stage in STAGES:
+            metrics = MetricCollection({"mse": MeanSquaredError(), "psnr": psnr_metric()})
+            setattr(self, f"{stage}_metrics", metrics.clone(prefix=f"{stage}/"))
         self.psnr_noisy = nn.ModuleList(psnr_metric() for _ in test_variances)
         self.psnr_denoised = nn.ModuleList(psnr_metric() for _ in test_variances)
 
@@ -111,13 +113,12 @@ class Autoencoder(LightningModule):
         penalty = self.l1_penalty(code)
         loss = mse + penalty
 
-        self.mse[stage](recon, x)
-        self.psnr[stage](recon, x)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(recon, x)
         sync = stage != "train"
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/l1", penalty, on_step=False, on_epoch=True, sync_dist=sync)
-        self.log(f"{stage}/mse", self.mse[stage], on_step=False, on_epoch=True)
-        self.log(f"{stage}/psnr", self.psnr[stage], on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:

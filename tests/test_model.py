@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from aelab.model import Autoencoder, corrupt, psnr_metric
+
+
+@pytest.mark.parametrize("depth", [3, 5])
+@pytest.mark.parametrize("code_dim", [15, 30, 50, 100])
+def test_each_depth_and_code_size_builds(depth, code_dim):
+    model = Autoencoder(depth=depth, code_dim=code_dim)
+    encoder = [m for m in model.encoder if isinstance(m, nn.Linear)]
+    decoder = [m for m in model.decoder if isinstance(m, nn.Linear)]
+
+    assert len(encoder) == len(decoder) == depth
+    assert encoder[-1].out_features == code_dim
+    # the decoder mirrors the encoder's widths
+    assert [m.in_features for m in encoder] == [m.out_features for m in reversed(decoder)]
+    assert min(m.out_features for m in encoder[:-1]) > 100
+    recon = model(torch.rand(4, 784))
+    assert recon.shape == (4, 784) and 0 <= recon.min() and recon.max() <= 1
+
+
+def test_dropout_follows_hidden_activations_only():
+    model = Autoencoder(depth=3, dropout=0.3)
+    kinds = [type(m).__name__ for m in model.encoder]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert all(m.p == 0.3 for m in model.decoder if isinstance(m, nn.Dropout))
+    assert not any(isinstance(m, nn.Dropout) for m in Autoencoder(depth=3).modules())
+
+
+def test_l1_penalty_on_weights_is_the_weight_times_their_l1_norm():
+    model = Autoencoder(depth=3, code_dim=30, l1_weight=1e-5)
+    by_hand = sum(m.weight.abs().sum() for m in model.encoder if isinstance(m, nn.Linear))
+    penalty = model.l1_penalty(torch.zeros(2, 30))
+    assert penalty.item() == pytest.approx(1e-5 * by_hand.item(), rel=1e-6)
+    assert Autoencoder(l1_weight=0.0).l1_penalty(torch.ones(2, 100)).item() == 0.0
+
+
+def test_l1_penalty_on_code_is_the_mean_l1_norm_per_image():
+    model = Autoencoder(code_dim=3, l1_weight=0.5, l1_target="code")
+    code = torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 4.0]])
+    assert model.l1_penalty(code).item() == pytest.approx(0.5 * (3.0 + 4.0) / 2)
+
+
+@pytest.mark.parametrize("variance", [0.1, 0.5, 1.0])
+def test_noise_has_the_configured_variance_not_standard_deviation(variance):
+    x = torch.full((2000, 784), 0.5)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    noisy = corrupt(x, variance, noise, clip=False)
+    assert (noisy - x).var().item() == pytest.approx(variance, rel=0.01)
+    clipped = corrupt(x, variance, noise, clip=True)
+    assert clipped.min() >= 0 and clipped.max() <= 1
+
+
+def test_psnr_is_the_mean_over_images_with_peak_one():
+    x = torch.rand(3, 784)
+    y = (x + 0.1 * torch.randn(3, 784)).clamp(0, 1)
+    per_image = [10 * math.log10(1.0 / ((y[i] - x[i]) ** 2).mean().item()) for i in range(3)]
+    metric = psnr_metric()
+    metric.update(y[:2], x[:2])
+    metric.update(y[2:], x[2:])
+    assert metric.compute().item() == pytest.approx(sum(per_image) / 3, rel=1e-5)
+
+
+def test_fixed_noise_depends_only_on_seed_and_batch():
+    model = Autoencoder(noise_seed=7)
+    x = torch.zeros(5, 784)
+    assert torch.equal(model.fixed_noise(x, 3), model.fixed_noise(x, 3))
+    assert not torch.equal(model.fixed_noise(x, 3), model.fixed_noise(x, 4))
+    assert not torch.equal(model.fixed_noise(x, 3), Autoencoder(noise_seed=8).fixed_noise(x, 3))
