@@ -1,6 +1,6 @@
 """Evaluate a trained autoencoder from its checkpoint: test metrics and denoising grids.
 
-    python evaluate.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt
+python evaluate.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt
 """
 
 import hydra

@@ -1,7 +1,7 @@
 """Train an autoencoder, test its best checkpoint and write metrics.json.
 
-    python train.py data=fmnist model.depth=5 model.code_dim=30 regularizer=lasso
-    python train.py -m model.code_dim=15,30,50,100
+python train.py data=fmnist model.depth=5 model.code_dim=30 regularizer=lasso
+python train.py -m model.code_dim=15,30,50,100
 """
 
 import hydra

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import SIZES
 
 from aelab.data import ImageDataModule, check_idx_file, load_images
 from aelab.errors import DataError
-from conftest import SIZES
 
 
 @pytest.mark.parametrize("name", ["mnist", "fmnist"])

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, compose_config, tiny_overrides
 
 from aelab.evaluation import evaluate
 from aelab.training import train
-from conftest import ROOT, compose_config, tiny_overrides
 
 
-def run_cli(script: str, *args: str, env_data_dir: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, script, *args],
         cwd=ROOT,

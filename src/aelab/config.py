@@ -26,7 +26,10 @@ def validate_train_config(cfg: DictConfig) -> None:
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
     _require(data.name in DATASETS, "data.name", data.name, f"use one of {sorted(DATASETS)}")
     _require(
-        cfg.regularizer in REGULARIZERS, "regularizer", cfg.regularizer, f"use one of {REGULARIZERS}"
+        cfg.regularizer in REGULARIZERS,
+        "regularizer",
+        cfg.regularizer,
+        f"use one of {REGULARIZERS}",
     )
 
     depths = sorted(DEFAULT_HIDDEN_DIMS)
@@ -54,7 +57,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     for key in ("l1_weight", "noise_variance"):
         value = model[key]
         _require(_is_number(value) and value >= 0, f"model.{key}", value, "use a number >= 0")
-    _require(model.l1_target in L1_TARGETS, "model.l1_target", model.l1_target, f"use {L1_TARGETS}")
+    _require(
+        model.l1_target in L1_TARGETS, "model.l1_target", model.l1_target, f"use {L1_TARGETS}"
+    )
     _require(_is_number(model.lr) and model.lr > 0, "model.lr", model.lr, "use a number > 0")
     for variance in model.test_variances:
         _require(
@@ -64,7 +69,10 @@ def validate_train_config(cfg: DictConfig) -> None:
             "use a list of numbers >= 0",
         )
 
-    for key, value in (("data.batch_size", data.batch_size), ("trainer.max_epochs", trainer.max_epochs)):
+    for key, value in (
+        ("data.batch_size", data.batch_size),
+        ("trainer.max_epochs", trainer.max_epochs),
+    ):
         _require(isinstance(value, int) and value > 0, key, value, "use an integer > 0")
     _require(
         isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool),

@@ -51,7 +51,9 @@ def check_idx_file(path: Path) -> None:
     """Raise a DataError naming `path` if its IDX header or size is not that of MNIST."""
     data = path.read_bytes()
     if len(data) < 8:
-        raise DataError(f"{path}: file is truncated ({len(data)} bytes); delete it and download again")
+        raise DataError(
+            f"{path}: file is truncated ({len(data)} bytes); delete it and download again"
+        )
     magic, count = struct.unpack(">II", data[:8])
     if magic == IMAGES_MAGIC:
         if len(data) < 16:
@@ -141,7 +143,9 @@ class ImageDataModule(L.LightningDataModule):
                     f"data.val_size={hp.val_size} must be between 1 and {images.shape[0] - 1} "
                     f"for the {images.shape[0]} training images"
                 )
-            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(hp.split_seed))
+            order = torch.randperm(
+                images.shape[0], generator=torch.Generator().manual_seed(hp.split_seed)
+            )
             self.val_images = images[order[: hp.val_size]].contiguous()
             self.train_images = images[order[hp.val_size :]].contiguous()
         if stage in (None, "test", "predict") and self.test_images is None:

@@ -25,12 +25,16 @@ def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (weights only) and check that it is one of ours."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"ckpt_path={str(path)!r}: no such file; give the path of a .ckpt file")
+        raise CheckpointError(
+            f"ckpt_path={str(path)!r}: no such file; give the path of a .ckpt file"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"ckpt_path={str(path)!r} is not a readable checkpoint: {reason}")
+        raise CheckpointError(
+            f"ckpt_path={str(path)!r} is not a readable checkpoint: {reason}"
+        ) from err
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not hparams or "code_dim" not in hparams or DATAMODULE_KEY not in checkpoint:
         raise CheckpointError(
@@ -47,9 +51,7 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> Autoencoder:
 
 
 @torch.no_grad()
-def save_denoising_grids(
-    model: Autoencoder, images: torch.Tensor, output_dir: Path
-) -> list[Path]:
+def save_denoising_grids(model: Autoencoder, images: torch.Tensor, output_dir: Path) -> list[Path]:
     """One PNG per test variance: originals, noisy inputs and denoised outputs as rows."""
     model.eval()
     noise = model.fixed_noise(images, batch_idx=0)

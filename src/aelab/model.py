@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -19,7 +21,7 @@ STAGES = ("train", "val", "test")
 def mlp(dims: list[int], dropout: float, output: nn.Module | None) -> nn.Sequential:
     """Linear layers through `dims`, ReLU and dropout after each hidden one, `output` last."""
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (d_in, d_out) in enumerate(pairwise(dims)):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(dims) - 2:
             layers.append(nn.ReLU())
@@ -101,7 +103,9 @@ class Autoencoder(LightningModule):
 
     def fixed_noise(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """Standard normal noise that depends only on the seed and the batch index."""
-        generator = torch.Generator(device=x.device).manual_seed(self.hparams.noise_seed + batch_idx)
+        generator = torch.Generator(device=x.device).manual_seed(
+            self.hparams.noise_seed + batch_idx
+        )
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
     def _shared_step(self, x: torch.Tensor, noise: torch.Tensor | None, stage: str):
@@ -145,4 +149,3 @@ class Autoencoder(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
