@@ -39,6 +39,12 @@ def corrupt(x: torch.Tensor, variance: float, noise: torch.Tensor, clip: bool) -
     return noisy.clamp(0.0, 1.0) if clip else noisy
 
 
+def seeded_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, drawn on its device from `seed` alone."""
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
 def psnr_metric() -> PeakSignalNoiseRatio:
     # peak 1.0 for pixels in [0, 1]; dim=1 gives one PSNR per image, then their mean
     return PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=1)
@@ -103,10 +109,7 @@ class Autoencoder(LightningModule):
 
     def fixed_noise(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """Standard normal noise that depends only on the seed and the batch index."""
-        generator = torch.Generator(device=x.device).manual_seed(
-            self.hparams.noise_seed + batch_idx
-        )
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return seeded_noise(x, self.hparams.noise_seed + batch_idx)
 
     def _shared_step(self, x: torch.Tensor, noise: torch.Tensor | None, stage: str):
         hp = self.hparams

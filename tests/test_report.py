@@ -1,0 +1,134 @@
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, TINY
+
+from aelab.baselines import PCA, LinearDenoiser
+from aelab.report import write_report
+
+# one epoch of the tiny recipe keeps the three sweeps to seconds each
+SWEEP_OVERRIDES = [*TINY, "trainer.max_epochs=1"]
+
+
+def sweep(data_dir, sweep_dir, *args):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            *SWEEP_OVERRIDES,
+            f"paths.data_dir={data_dir}",
+            f"hydra.sweep.dir={sweep_dir}",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def sweeps(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweeps")
+    grid = sweep(data_dir, root / "grid", "regularizer=lasso,dropout", "model.code_dim=4,8")
+    lasso = sweep(
+        data_dir,
+        root / "lasso",
+        "experiment=lasso_search",
+        "data=mnist",
+        "model.code_dim=8",
+        "model.depth=3",
+        "model.l1_weight=1e-6,1e-4",
+    )
+    denoise = sweep(
+        data_dir,
+        root / "denoise",
+        "experiment=denoise",
+        "data=mnist",
+        "model.code_dim=8",
+        "model.depth=3",
+        "model.noise_variance=0.1,1.0",
+    )
+    return [grid, lasso, denoise]
+
+
+def test_report_has_csv_tables_and_figures(sweeps, data_dir, tmp_path):
+    # a job that died before writing its metrics must be listed, not skipped
+    failed = sweeps[0] / "3"
+    (failed / "metrics.json").rename(failed / "metrics.json.bak")
+    try:
+        report = write_report(sweeps, tmp_path / "report", str(data_dir))
+    finally:
+        (failed / "metrics.json.bak").rename(failed / "metrics.json")
+    text = report.read_text()
+
+    results = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert len(results) == 4 + 2 + 2
+    assert (results["status"] == "failed").sum() == 1
+    assert {
+        "dataset",
+        "depth",
+        "code_dim",
+        "l1_weight",
+        "test/mse",
+        "test/psnr_denoised_1.0",
+    } <= set(results.columns)
+    assert f"{failed}: no metrics.json" in text
+
+    for heading in (
+        "Best model per dataset and regularizer",
+        "Full grid",
+        "Lasso weight search",
+        "Denoising",
+    ):
+        assert f"## {heading}" in text
+    assert "| mnist | dropout |" in text and "| mnist | lasso |" in text
+    assert "linear (Wiener) denoiser" in text and "AE trained at variance 0.1" in text
+    for figure in (
+        "loss_curves_mnist",
+        "reconstructions_mnist",
+        "psnr_vs_variance_mnist",
+        "denoising_mnist",
+    ):
+        assert (tmp_path / "report" / f"{figure}.png").stat().st_size > 1000
+        assert f"({figure}.png)" in text
+
+
+def test_report_refuses_to_overwrite(sweeps, data_dir, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(Exception, match="already holds files"):
+        write_report(sweeps, out, str(data_dir))
+    assert (out / "notes.md").read_text() == "mine"
+
+
+def test_pca_matches_a_direct_svd():
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.random((200, 30))).float()
+    test = torch.from_numpy(rng.random((50, 30))).float()
+    mean = train.double().mean(0).numpy()
+    _, _, vt = np.linalg.svd(train.double().numpy() - mean, full_matrices=False)
+    basis = vt[:5].T
+    direct = (test.double().numpy() - mean) @ basis @ basis.T + mean
+    ours = PCA.fit(train).reconstruct(test, 5)
+    np.testing.assert_allclose(ours.numpy(), direct, atol=1e-5)
+
+
+def test_linear_denoiser_matches_least_squares_regression():
+    rng = np.random.default_rng(1)
+    clean = torch.from_numpy(rng.random((500, 10)) * 0.5 + 0.25).float()
+    noisy = clean + 0.1 * torch.from_numpy(rng.standard_normal((500, 10))).float()
+    # regress clean on [noisy, 1] by least squares: the best affine estimator on the data
+    design = np.hstack([noisy.double().numpy(), np.ones((500, 1))])
+    coef, *_ = np.linalg.lstsq(design, clean.double().numpy(), rcond=None)
+    direct = np.clip(design @ coef, 0, 1)
+    ours = LinearDenoiser.fit(clean, noisy, ridge=0.0)(noisy)
+    np.testing.assert_allclose(ours.numpy(), direct, atol=1e-5)
