@@ -43,7 +43,7 @@ def test_split_is_fixed_by_its_seed_and_disjoint(data_dir):
 
 def test_missing_files_offline_name_the_folder_and_files(tmp_path):
     with pytest.raises(DataError) as info:
-        load_images("fmnist", tmp_path, train=True, download=False)
+        load_images("fmnist", tmp_path, train=True)
     message = str(info.value)
     assert str(tmp_path / "FashionMNIST" / "raw") in message
     assert "train-images-idx3-ubyte" in message and "\n" not in message

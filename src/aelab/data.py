@@ -49,7 +49,9 @@ def raw_files(dataset: str) -> list[str]:
 
 def check_idx_file(path: Path) -> None:
     """Raise a DataError naming `path` if its IDX header or size is not that of MNIST."""
-    data = path.read_bytes()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        data = f.read(16)
     if len(data) < 8:
         raise DataError(
             f"{path}: file is truncated ({len(data)} bytes); delete it and download again"
@@ -72,15 +74,15 @@ def check_idx_file(path: Path) -> None:
             f"{path}: wrong magic number {magic:#010x} (expected {IMAGES_MAGIC:#010x} for images "
             f"or {LABELS_MAGIC:#010x} for labels); the file is corrupt or not an IDX file"
         )
-    if len(data) != expected:
+    if size != expected:
         raise DataError(
-            f"{path}: size is {len(data)} bytes but its header announces {expected}; "
+            f"{path}: size is {size} bytes but its header announces {expected}; "
             "the file is truncated or corrupt, delete it and download again"
         )
 
 
-def load_images(dataset: str, data_dir: str | Path, train: bool, download: bool) -> torch.Tensor:
-    """Read one split of `dataset` as a float tensor of shape (N, 784) in [0, 1]."""
+def ensure_files(dataset: str, data_dir: str | Path, download: bool) -> None:
+    """Download `dataset` if its IDX files are missing, then check their headers and sizes."""
     if dataset not in DATASETS:
         raise DataError(f"data.name={dataset!r} is unknown; choose one of {sorted(DATASETS)}")
     cls = DATASETS[dataset]
@@ -89,7 +91,7 @@ def load_images(dataset: str, data_dir: str | Path, train: bool, download: bool)
 
     if missing and download:
         try:
-            cls(str(data_dir), train=train, download=True)
+            cls(str(data_dir), train=True, download=True)
         except Exception as err:  # torchvision raises a bare RuntimeError when offline
             log.warning("download of %s failed: %s", dataset, str(err).splitlines()[0])
         missing = [name for name in raw_files(dataset) if not (raw_dir / name).is_file()]
@@ -99,10 +101,14 @@ def load_images(dataset: str, data_dir: str | Path, train: bool, download: bool)
             "could not be downloaded; set paths.data_dir or AELAB_DATA_DIR to a folder holding "
             f"{cls.__name__}/raw/ with those IDX files"
         )
-
     for name in raw_files(dataset):
         check_idx_file(raw_dir / name)
-    images = cls(str(data_dir), train=train, download=False).data
+
+
+def load_images(dataset: str, data_dir: str | Path, train: bool) -> torch.Tensor:
+    """Read one split of `dataset` as a float tensor of shape (N, 784) in [0, 1]."""
+    ensure_files(dataset, data_dir, download=False)
+    images = DATASETS[dataset](str(data_dir), train=train, download=False).data
     return images.reshape(images.shape[0], NUM_PIXELS).float().div_(255.0)
 
 
@@ -131,13 +137,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # runs on one process only: downloads if needed, and fails early on bad files
-        for train in (True, False):
-            load_images(self.hparams.name, self.hparams.data_dir, train, self.hparams.download)
+        ensure_files(self.hparams.name, self.hparams.data_dir, self.hparams.download)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage in (None, "fit", "validate") and self.train_images is None:
-            images = load_images(hp.name, hp.data_dir, train=True, download=False)
+            images = load_images(hp.name, hp.data_dir, train=True)
             if not 0 < hp.val_size < images.shape[0]:
                 raise DataError(
                     f"data.val_size={hp.val_size} must be between 1 and {images.shape[0] - 1} "
@@ -149,7 +154,7 @@ class ImageDataModule(L.LightningDataModule):
             self.val_images = images[order[: hp.val_size]].contiguous()
             self.train_images = images[order[hp.val_size :]].contiguous()
         if stage in (None, "test", "predict") and self.test_images is None:
-            self.test_images = load_images(hp.name, hp.data_dir, train=False, download=False)
+            self.test_images = load_images(hp.name, hp.data_dir, train=False)
 
     def train_dataloader(self) -> DataLoader:
         sampler = RandomSampler(self.train_images)
