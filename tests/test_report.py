@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -60,13 +61,12 @@ def sweeps(data_dir, tmp_path_factory):
 
 
 def test_report_has_csv_tables_and_figures(sweeps, data_dir, tmp_path):
+    # the report reads sweeps that were moved since they ran, as when copied off a cluster
+    moved = [shutil.copytree(s, tmp_path / "moved" / s.name) for s in sweeps]
     # a job that died before writing its metrics must be listed, not skipped
-    failed = sweeps[0] / "3"
-    (failed / "metrics.json").rename(failed / "metrics.json.bak")
-    try:
-        report = write_report(sweeps, tmp_path / "report", str(data_dir))
-    finally:
-        (failed / "metrics.json.bak").rename(failed / "metrics.json")
+    failed = moved[0] / "3"
+    (failed / "metrics.json").unlink()
+    report = write_report(moved, tmp_path / "report", str(data_dir))
     text = report.read_text()
 
     results = pd.read_csv(tmp_path / "report" / "results.csv")

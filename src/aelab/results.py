@@ -63,7 +63,7 @@ def read_run(run_dir: Path) -> dict:
     times = metrics.get("epoch_times") or []
     row.update(
         status="ok",
-        best_checkpoint=metrics.get("best_checkpoint"),
+        best_checkpoint=locate_checkpoint(run_dir, metrics.get("best_checkpoint")),
         best_val_loss=metrics.get("best_val_loss"),
         epochs=metrics.get("epochs"),
         mean_epoch_time=sum(times) / len(times) if times else None,
@@ -71,6 +71,14 @@ def read_run(run_dir: Path) -> dict:
     row.update(best_epoch_metrics(run_dir))
     row.update({k: v for k, v in metrics.items() if k.startswith("test/")})
     return row
+
+
+def locate_checkpoint(run_dir: Path, recorded: str | None) -> str | None:
+    """The recorded checkpoint path, or the same file in `run_dir` if the run was moved."""
+    if not recorded or Path(recorded).is_file():
+        return recorded
+    moved = run_dir / "checkpoints" / Path(recorded).name
+    return str(moved) if moved.is_file() else recorded
 
 
 def best_epoch_metrics(run_dir: Path) -> dict:
