@@ -29,7 +29,7 @@ def sweep(data_dir, sweep_dir, *args):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir
