@@ -11,37 +11,12 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from aelab.callbacks import image_rows
+from aelab.checkpoint import DATAMODULE_KEY, read_checkpoint
 from aelab.data import ImageDataModule
-from aelab.errors import CheckpointError
 from aelab.model import Autoencoder, corrupt, variance_name
 from aelab.training import write_metrics
 
 log = logging.getLogger(__name__)
-
-DATAMODULE_KEY = "datamodule_hyper_parameters"
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (weights only) and check that it is one of ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"ckpt_path={str(path)!r}: no such file; give the path of a .ckpt file"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"ckpt_path={str(path)!r} is not a readable checkpoint: {reason}"
-        ) from err
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not hparams or "code_dim" not in hparams or DATAMODULE_KEY not in checkpoint:
-        raise CheckpointError(
-            f"ckpt_path={str(path)!r} is not an autoencoder checkpoint written by train.py"
-        )
-    return checkpoint
-
 
 def model_from_checkpoint(checkpoint: dict, **overrides) -> Autoencoder:
     """Rebuild the model from the hyperparameters and weights stored in the checkpoint."""
