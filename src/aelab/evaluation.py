@@ -18,6 +18,7 @@ from aelab.training import write_metrics
 
 log = logging.getLogger(__name__)
 
+
 def model_from_checkpoint(checkpoint: dict, **overrides) -> Autoencoder:
     """Rebuild the model from the hyperparameters and weights stored in the checkpoint."""
     model = Autoencoder(**{**checkpoint["hyper_parameters"], **overrides})

@@ -59,9 +59,11 @@ def check_resume(ckpt_path: str, model: Autoencoder, datamodule: ImageDataModule
         if key != "model.test_variances" and stored[key] != current.get(key)
     ]
     if differ:
+        source = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
+        where = f" (listed in {source})" if source.is_file() else ""
         raise CheckpointError(
             f"ckpt_path={ckpt_path!r} was trained with {', '.join(differ)}; "
-            "resume with the overrides of the run that wrote it"
+            f"resume with the overrides of the run that wrote it{where}"
         )
     return checkpoint
 
