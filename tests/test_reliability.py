@@ -168,6 +168,8 @@ def test_bad_checkpoint_to_resume_from_is_one_line(train_config, bad_checkpoints
 
 
 def test_bad_checkpoint_to_evaluate_is_one_line(data_dir, tmp_path, bad_checkpoints):
+    with pytest.raises(CheckpointError, match="^ckpt_path is missing: give the checkpoint"):
+        evaluate(compose_config("evaluate", [], tmp_path / "eval"))
     for path, problem in bad_checkpoints.items():
         cfg = compose_config("evaluate", [f"ckpt_path={path}"], tmp_path / "eval")
         with pytest.raises(CheckpointError, match=problem):

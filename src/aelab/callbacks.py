@@ -85,6 +85,8 @@ class RandomState(Callback):
         return {"torch": torch.get_rng_state(), "cuda": cuda}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Limitation: exact only for checkpoints written at the end of an epoch; from a
+        # mid-epoch one, Lightning restarts the epoch's shuffled order from the beginning.
         # called while the checkpoint is restored, before the first batch is drawn
         torch.set_rng_state(state_dict["torch"])
         if state_dict["cuda"] and torch.cuda.is_available():
@@ -102,7 +104,7 @@ class StopOnNonFiniteLoss(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        # one host-device sync per step; cheap next to the step itself
+        # Limitation: one device-to-host copy per step on a GPU, small next to the step.
         if loss is not None and not torch.isfinite(loss).item():
             self._stop(trainer, pl_module, "training loss", float(loss))
 

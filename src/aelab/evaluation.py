@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from aelab.callbacks import image_rows
 from aelab.checkpoint import DATAMODULE_KEY, read_checkpoint
 from aelab.data import ImageDataModule
+from aelab.errors import CheckpointError
 from aelab.model import Autoencoder, corrupt, variance_name
 from aelab.training import write_metrics
 
@@ -42,6 +43,11 @@ def save_denoising_grids(model: Autoencoder, images: torch.Tensor, output_dir: P
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the test metrics of a checkpoint and write them, with image grids, to the run dir."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise CheckpointError(
+            "ckpt_path is missing: give the checkpoint to evaluate, "
+            "e.g. ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"
+        )
     checkpoint = read_checkpoint(cfg.ckpt_path)
     output_dir = Path(cfg.paths.output_dir)
     overrides = {}

@@ -70,6 +70,7 @@ def check_resume(ckpt_path: str, model: Autoencoder, datamodule: ImageDataModule
 
 def log_resume(ckpt_path: str, checkpoint: dict, output_dir: Path) -> None:
     """Say where the interrupted run's files are, since this run writes elsewhere."""
+    # Limitation: a resumed run writes to a new run directory, not the interrupted one's.
     source = Path(ckpt_path).resolve()
     run_dir = source.parent.parent if source.parent.name == "checkpoints" else source.parent
     log.info(
@@ -93,6 +94,7 @@ def train(cfg: DictConfig) -> float:
     validate_train_config(cfg)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     output_dir = Path(cfg.paths.output_dir)
+    # Limitation: identical metrics for the same seed are guaranteed on the CPU only.
     L.seed_everything(cfg.seed, workers=True)
 
     # build the parts of the run, and check a checkpoint to resume from before any data
