@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import CONF_DIR, ROOT, compose_config, make_dataset, tiny_overrides
 from omegaconf import OmegaConf
 
+from aelab.callbacks import BestCheckpoint
 from aelab.checkpoint import AtomicCheckpointIO
 from aelab.cli import check_group_choices
 from aelab.config import validate_train_config
@@ -199,6 +201,39 @@ def test_checkpoint_written_atomically_survives_a_crash_while_writing(tmp_path, 
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_resumed_run_keeps_the_interrupted_runs_best_checkpoint(tmp_path):
+    old = tmp_path / "old" / "checkpoints" / "best-epoch03.ckpt"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"weights")
+    score = torch.tensor(0.1)
+    state = {
+        "dirpath": str(old.parent),
+        "best_model_path": str(old),
+        "best_model_score": score,
+        "best_k_models": {str(old): score},
+        "kth_best_model_path": str(old),
+        "kth_value": score,
+        "last_model_path": str(old.parent / "last.ckpt"),
+    }
+    new_dir = tmp_path / "new" / "checkpoints"
+    checkpoint = BestCheckpoint(dirpath=new_dir, monitor="val/loss", save_top_k=1)
+    checkpoint.load_state_dict(state)
+
+    # a worse epoch after the resume does not become the best, a better one does
+    removed = []
+    strategy = SimpleNamespace(
+        reduce_boolean_decision=lambda d, **_: d, remove_checkpoint=removed.append
+    )
+    trainer = SimpleNamespace(strategy=strategy)
+    assert checkpoint.best_model_path == str(old) and checkpoint.best_model_score == score
+    assert not checkpoint.check_monitor_top_k(trainer, torch.tensor(0.2))
+    assert checkpoint.check_monitor_top_k(trainer, torch.tensor(0.05))
+    # the interrupted run's file is never deleted, this run's own are
+    checkpoint._remove_checkpoint(trainer, str(old))
+    checkpoint._remove_checkpoint(trainer, str(new_dir / "best-epoch05.ckpt"))
+    assert removed == [str(new_dir / "best-epoch05.ckpt")]
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_config, tmp_path):

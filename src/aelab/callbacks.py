@@ -85,8 +85,8 @@ class RandomState(Callback):
         return {"torch": torch.get_rng_state(), "cuda": cuda}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Limitation: exact only for checkpoints written at the end of an epoch; from a
-        # mid-epoch one, Lightning restarts the epoch's shuffled order from the beginning.
+        # Limitation: exact only for checkpoints written at the end of an epoch; after a
+        # mid-epoch one, the rest of the epoch is drawn in a new shuffled order.
         # called while the checkpoint is restored, before the first batch is drawn
         torch.set_rng_state(state_dict["torch"])
         if state_dict["cuda"] and torch.cuda.is_available():
