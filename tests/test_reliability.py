@@ -261,6 +261,7 @@ def test_too_high_learning_rate_is_reported_as_divergence(train_config):
         train(train_config("model.lr=1e6"))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
     # noise and dropout make the result depend on the random state at the resume
     recipe = [
@@ -270,7 +271,9 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
         "regularizer=dropout",
         "seed=7",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
+    # the killed run imports its pause callback from conftest
+    paths = [str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     marker = tmp_path / "paused"
     pause = [
         "+callbacks.pause._target_=conftest.PauseMidEpoch",
@@ -281,18 +284,25 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
 
     def start(run: str, *extra: str) -> subprocess.Popen:
         args = [sys.executable, "train.py", *recipe, f"hydra.run.dir={tmp_path / run}", *extra]
-        return subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        # output to a file: a full pipe nobody reads would block the run
+        with (tmp_path / f"{run}.out").open("w") as out:
+            return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out)
 
     # the uninterrupted run and the one to kill, side by side
     whole = start("whole")
     killed = start("killed", *pause)
-    deadline = time.monotonic() + 240
-    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), killed.communicate()[1][-2000:]
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    assert whole.wait(timeout=240) == 0, whole.communicate()[1][-2000:]
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), (tmp_path / "killed.out").read_text()[-2000:]
+        killed.send_signal(signal.SIGKILL)
+        assert whole.wait(timeout=240) == 0, (tmp_path / "whole.out").read_text()[-2000:]
+    finally:
+        for process in (whole, killed):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
 
     # the kill came mid-epoch 1, so the last checkpoint is the one written after epoch 0
     old_run = tmp_path / "killed"
@@ -301,7 +311,7 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
     assert not (old_run / "metrics.json").exists()
 
     resumed = run_script(
-        "train.py", *recipe, f"hydra.run.dir={tmp_path / 'resumed'}", f"ckpt_path={last}"
+        "train.py", *recipe, f"hydra.run.dir={tmp_path / 'resumed'}", f"ckpt_path={last}", env=env
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert final_metrics(tmp_path / "resumed" / "metrics.json") == final_metrics(
