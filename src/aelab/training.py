@@ -113,7 +113,8 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     val_psnr = float(trainer.callback_metrics.get("val/psnr", math.nan))
-    test_results = trainer.test(model, datamodule=datamodule, ckpt_path="best")[0]
+    tested = trainer.test(model, datamodule=datamodule, ckpt_path="best", weights_only=True)
+    test_results = tested[0]
 
     # record the results beside the checkpoints
     timer = next(c for c in callbacks if isinstance(c, EpochTimer))
