@@ -169,7 +169,21 @@ def test_bad_checkpoint_to_resume_from_is_one_line(train_config, bad_checkpoints
         assert str(info.value).startswith(f"ckpt_path='{path}'") and problem in str(info.value)
 
 
-def test_bad_checkpoint_to_evaluate_is_one_line(data_dir, tmp_path, bad_checkpoints):
+def test_resuming_with_other_settings_is_refused_in_one_line(train_config, tmp_path):
+    train(train_config("trainer.max_epochs=1", output_dir=tmp_path / "first"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    cfg = train_config("model.code_dim=4", "data.batch_size=25", f"ckpt_path={last}")
+    with pytest.raises(CheckpointError) as info:
+        train(cfg)
+    assert str(info.value) == (
+        f"ckpt_path='{last}' was trained with model.code_dim=8 (this config: 4), "
+        "data.batch_size=20 (this config: 25); resume with the overrides of the run that "
+        "wrote it"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_checkpoint_to_evaluate_is_one_line(tmp_path, bad_checkpoints):
     with pytest.raises(CheckpointError, match="^ckpt_path is missing: give the checkpoint"):
         evaluate(compose_config("evaluate", [], tmp_path / "eval"))
     for path, problem in bad_checkpoints.items():

@@ -112,6 +112,7 @@ class SweepReport(Callback):
             "output_dir": hydra_cfg.runtime.output_dir,
         }
         if job_return.status == JobStatus.FAILED:
+            # `return_value` raises a failed job's exception; it is kept in `_return_value`
             err = job_return._return_value
             cause = err.__cause__ if isinstance(err, JobFailed) else err
             line = job_failure(hydra_cfg.job.num, job_return.overrides, cause)
