@@ -1,15 +1,18 @@
-"""Small generated datasets in MNIST's IDX format and tiny configs built from the real ones."""
+"""Generated IDX datasets, tiny configs built from the real ones, and test-only callbacks."""
 
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from lightning import Callback
 from omegaconf import DictConfig, open_dict
 
 from aelab.data import DATASETS, raw_files
@@ -100,3 +103,28 @@ def train_config(data_dir, tmp_path):
         return compose_config("train", [*tiny_overrides(data_dir, output_dir), *extra], output_dir)
 
     return make
+
+
+class PauseMidEpoch(Callback):
+    """Writes `marker` after batch `batch` of epoch `epoch`, then waits to be killed."""
+
+    def __init__(self, marker: str, epoch: int, batch: int) -> None:
+        self.marker, self.epoch, self.batch = Path(marker), epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            self.marker.write_text(str(trainer.global_step))
+            time.sleep(300)
+
+
+class PoisonWeights(Callback):
+    """Fills the weights with NaN before batch `batch` of epoch `epoch`, as a blow-up would."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    parameter.fill_(float("nan"))

@@ -1,15 +1,20 @@
-"""Callbacks that watch a run: image grids for TensorBoard and time per epoch."""
+"""Callbacks that watch a run: image grids, time per epoch, random state and diverging losses."""
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
 
 from aelab.data import IMAGE_SIDE
+from aelab.errors import DivergedError
 from aelab.model import corrupt
 
 
@@ -65,3 +70,79 @@ class EpochTimer(Callback):
         elapsed = time.perf_counter() - self._start
         self.epoch_times.append(elapsed)
         pl_module.log("train/epoch_time", elapsed, on_step=False, on_epoch=True)
+
+
+class RandomState(Callback):
+    """Saves torch's global random state in every checkpoint and restores it on resume.
+
+    The shuffling of the training set, the training noise and dropout all draw from it.
+    Lightning restores weights, optimiser and loops but not this state, so without it a
+    resumed run would see other batches and other noise than an uninterrupted one.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Limitation: exact only for checkpoints written at the end of an epoch; after a
+        # mid-epoch one, the rest of the epoch is drawn in a new shuffled order.
+        # called while the checkpoint is restored, before the first batch is drawn
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops the run with a DivergedError when the loss becomes NaN or infinite.
+
+    Raising before any later checkpoint is written keeps `last.ckpt` and the best
+    checkpoint as they were after the last good epoch.
+    """
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        # Limitation: one device-to-host copy per step on a GPU, small next to the step.
+        if loss is not None and not torch.isfinite(loss).item():
+            self._stop(trainer, pl_module, "training loss", float(loss))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if not trainer.sanity_checking and loss is not None and not math.isfinite(float(loss)):
+            self._stop(trainer, pl_module, "validation loss", float(loss))
+
+    @staticmethod
+    def _stop(trainer: Trainer, pl_module: LightningModule, what: str, value: float) -> None:
+        saved = [c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path]
+        last = saved[0] if saved else trainer.ckpt_path
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise DivergedError(
+            f"{what} became {value} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; training stopped and {kept}; try a lower model.lr "
+            f"(now {pl_module.hparams.lr:g})"
+        )
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that remembers the best score of a run resumed in a new directory.
+
+    Lightning drops the best score when the checkpoint directory changes, so the first
+    epoch after a resume would become "best" however bad it was. Here the interrupted
+    run's best stays best until a later epoch beats it, and its file is never deleted.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_model_path = state_dict["best_model_path"]
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_k_models = dict(state_dict.get("best_k_models", {}))
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            self.last_model_path = state_dict.get("last_model_path", "")
+
+    def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # files of the interrupted run are its record: only delete this run's own
+        if Path(filepath).parent == Path(self.dirpath):
+            super()._remove_checkpoint(trainer, filepath)

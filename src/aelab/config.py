@@ -74,9 +74,10 @@ def validate_train_config(cfg: DictConfig) -> None:
         ("trainer.max_epochs", trainer.max_epochs),
     ):
         _require(isinstance(value, int) and value > 0, key, value, "use an integer > 0")
+    # Lightning's seed_everything accepts what numpy does: an unsigned 32-bit integer
     _require(
-        isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool),
+        isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed < 2**32,
         "seed",
         cfg.seed,
-        "use an integer",
+        f"use an integer from 0 to {2**32 - 1}",
     )

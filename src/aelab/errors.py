@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint path that is missing or does not hold a model of this project."""
+
+
+class DivergedError(UserError):
+    """A loss that became NaN or infinite, usually from a learning rate too high."""

@@ -7,40 +7,17 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from aelab.callbacks import image_rows
+from aelab.checkpoint import DATAMODULE_KEY, read_checkpoint
 from aelab.data import ImageDataModule
 from aelab.errors import CheckpointError
 from aelab.model import Autoencoder, corrupt, variance_name
 from aelab.training import write_metrics
 
 log = logging.getLogger(__name__)
-
-DATAMODULE_KEY = "datamodule_hyper_parameters"
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (weights only) and check that it is one of ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"ckpt_path={str(path)!r}: no such file; give the path of a .ckpt file"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"ckpt_path={str(path)!r} is not a readable checkpoint: {reason}"
-        ) from err
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not hparams or "code_dim" not in hparams or DATAMODULE_KEY not in checkpoint:
-        raise CheckpointError(
-            f"ckpt_path={str(path)!r} is not an autoencoder checkpoint written by train.py"
-        )
-    return checkpoint
 
 
 def model_from_checkpoint(checkpoint: dict, **overrides) -> Autoencoder:
@@ -66,6 +43,11 @@ def save_denoising_grids(model: Autoencoder, images: torch.Tensor, output_dir: P
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the test metrics of a checkpoint and write them, with image grids, to the run dir."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise CheckpointError(
+            "ckpt_path is missing: give the checkpoint to evaluate, "
+            "e.g. ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"
+        )
     checkpoint = read_checkpoint(cfg.ckpt_path)
     output_dir = Path(cfg.paths.output_dir)
     overrides = {}

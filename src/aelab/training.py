@@ -14,8 +14,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from aelab.callbacks import EpochTimer
+from aelab.callbacks import EpochTimer, RandomState, StopOnNonFiniteLoss
+from aelab.checkpoint import DATAMODULE_KEY, AtomicCheckpointIO, read_checkpoint
 from aelab.config import validate_train_config
+from aelab.data import ImageDataModule
+from aelab.errors import CheckpointError
+from aelab.model import Autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(EpochTimer())
+    callbacks += [EpochTimer(), RandomState(), StopOnNonFiniteLoss()]
     if cfg.early_stopping.enabled:
         callbacks.append(
             EarlyStopping(
@@ -35,6 +39,49 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
             )
         )
     return callbacks
+
+
+# what a resumed run must share with the run that wrote its checkpoint
+RESUME_DATA_KEYS = ("name", "batch_size", "val_size", "split_seed")
+
+
+def check_resume(ckpt_path: str, model: Autoencoder, datamodule: ImageDataModule) -> dict:
+    """Read the checkpoint to resume from; raise if it was trained with another config."""
+    checkpoint = read_checkpoint(ckpt_path)
+    stored = {f"model.{k}": v for k, v in checkpoint["hyper_parameters"].items()}
+    stored.update({f"data.{k}": checkpoint[DATAMODULE_KEY].get(k) for k in RESUME_DATA_KEYS})
+    current = {f"model.{k}": v for k, v in model.hparams.items()}
+    current.update({f"data.{k}": datamodule.hparams[k] for k in RESUME_DATA_KEYS})
+    # the test variances only matter after training, so they may change
+    differ = [
+        f"{key}={stored[key]!r} (this config: {current.get(key)!r})"
+        for key in stored
+        if key != "model.test_variances" and stored[key] != current.get(key)
+    ]
+    if differ:
+        source = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
+        where = f" (listed in {source})" if source.is_file() else ""
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path!r} was trained with {', '.join(differ)}; "
+            f"resume with the overrides of the run that wrote it{where}"
+        )
+    return checkpoint
+
+
+def log_resume(ckpt_path: str, checkpoint: dict, output_dir: Path) -> None:
+    """Say where the interrupted run's files are, since this run writes elsewhere."""
+    # Limitation: a resumed run writes to a new run directory, not the interrupted one's.
+    source = Path(ckpt_path).resolve()
+    run_dir = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+    log.info(
+        "resuming from %s (after epoch %d, step %d); this run writes to %s, the "
+        "interrupted run's logs and checkpoints stay in %s",
+        source,
+        checkpoint["epoch"],
+        checkpoint["global_step"],
+        output_dir,
+        run_dir,
+    )
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
@@ -47,20 +94,27 @@ def train(cfg: DictConfig) -> float:
     validate_train_config(cfg)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     output_dir = Path(cfg.paths.output_dir)
+    # Limitation: identical metrics for the same seed are guaranteed on the CPU only.
     L.seed_everything(cfg.seed, workers=True)
 
-    # build the parts of the run
+    # build the parts of the run, and check a checkpoint to resume from before any data
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, _convert_="all")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        log_resume(ckpt_path, check_resume(ckpt_path, model, datamodule), output_dir)
     callbacks = build_callbacks(cfg)
     loggers = [instantiate(lg) for lg in cfg.logger.values() if lg is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+    )
 
     # fit, then test the checkpoint with the best validation loss
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     val_psnr = float(trainer.callback_metrics.get("val/psnr", math.nan))
-    test_results = trainer.test(model, datamodule=datamodule, ckpt_path="best")[0]
+    tested = trainer.test(model, datamodule=datamodule, ckpt_path="best", weights_only=True)
+    test_results = tested[0]
 
     # record the results beside the checkpoints
     timer = next(c for c in callbacks if isinstance(c, EpochTimer))
@@ -70,6 +124,8 @@ def train(cfg: DictConfig) -> float:
         "best_val_loss": float(checkpoint.best_model_score),
         "epochs": trainer.current_epoch,
         "epoch_times": timer.epoch_times,
+        "seed": cfg.seed,
+        "resumed_from": str(Path(ckpt_path).resolve()) if ckpt_path else None,
     }
     if trainer.is_global_zero:
         write_metrics(output_dir / "metrics.json", metrics)
