@@ -13,7 +13,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 from torchvision.datasets import MNIST, FashionMNIST
 
 from aelab.errors import DataError
@@ -40,6 +47,18 @@ class TensorBatches(Dataset):
 
     def __getitem__(self, rows: list[int]) -> torch.Tensor:
         return self.images[rows]
+
+
+class EpochBatchSampler(BatchSampler):
+    """A BatchSampler that passes `set_epoch` on to its sampler.
+
+    Lightning calls `set_epoch` on a loader's sampler before every epoch; here that sampler
+    is this batch sampler, and a DistributedSampler inside needs the epoch to reshuffle.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
 
 def raw_files(dataset: str) -> list[str]:
@@ -152,19 +171,42 @@ class ImageDataModule(L.LightningDataModule):
             self.test_images = load_images(hp.name, hp.data_dir, train=False, download=False)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = RandomSampler(self.train_images)
+        world_size, rank = self._ranks()
+        if world_size > 1:
+            # every rank shuffles with the same seed and takes its own share; the shares are
+            # padded to equal length so that all ranks run the same number of steps
+            sampler = DistributedSampler(
+                self.train_images, world_size, rank, shuffle=True, seed=torch.initial_seed()
+            )
+        else:
+            sampler = RandomSampler(self.train_images)
         return self._batches(self.train_images, sampler, self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        sampler = SequentialSampler(self.val_images)
-        return self._batches(self.val_images, sampler, self.hparams.eval_batch_size)
+        rows = self._eval_rows(self.val_images)
+        return self._batches(self.val_images, rows, self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        sampler = SequentialSampler(self.test_images)
-        return self._batches(self.test_images, sampler, self.hparams.eval_batch_size)
+        rows = self._eval_rows(self.test_images)
+        return self._batches(self.test_images, rows, self.hparams.eval_batch_size)
+
+    def _ranks(self) -> tuple[int, int]:
+        """World size and global rank of the trainer using this module (1, 0 without one)."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def _eval_rows(self, images: torch.Tensor):
+        # every image exactly once over all ranks (no padding), so that metrics synced
+        # across ranks are those of the whole set
+        world_size, rank = self._ranks()
+        if world_size > 1:
+            return range(rank, images.shape[0], world_size)
+        return SequentialSampler(images)
 
     @staticmethod
     def _batches(images: torch.Tensor, sampler, batch_size: int) -> DataLoader:
-        # batch_size=None: the sampler already yields whole batches of row indices
-        batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+        # batch_size=None: the sampler already yields whole batches of row indices; the
+        # trainer must not replace it (use_distributed_sampler=false), as it shards itself
+        batches = EpochBatchSampler(sampler, batch_size=batch_size, drop_last=False)
         return DataLoader(TensorBatches(images), sampler=batches, batch_size=None)

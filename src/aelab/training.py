@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aelab.callbacks import EpochTimer
 from aelab.config import validate_train_config
+from aelab.scale import prepare_job
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def write_metrics(path: Path, metrics: dict) -> None:
 def train(cfg: DictConfig) -> float:
     """Fit, test the best checkpoint and write `metrics.json`; return the last val PSNR."""
     validate_train_config(cfg)
+    prepare_job(cfg)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
