@@ -8,6 +8,7 @@ so the training path has no per-image transform and no collate step.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from torch.utils.data import (
 )
 from torchvision.datasets import MNIST, FashionMNIST
 
-from aelab.errors import DataError
+from aelab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +198,24 @@ class ImageDataModule(L.LightningDataModule):
         return self.trainer.world_size, self.trainer.global_rank
 
     def _eval_rows(self, images: torch.Tensor):
-        # every image exactly once over all ranks (no padding), so that metrics synced
-        # across ranks are those of the whole set
+        """Rows this rank evaluates: all of them, or under DDP every world_size-th batch.
+
+        Whole batches, round robin, so that rank r's batch i is batch i * world_size + r of
+        the whole set: the model seeds its fixed noise with that index, and every image
+        is seen exactly once (no padding), so metrics synced across ranks are exact.
+        """
         world_size, rank = self._ranks()
-        if world_size > 1:
-            return range(rank, images.shape[0], world_size)
-        return SequentialSampler(images)
+        if world_size == 1:
+            return SequentialSampler(images)
+        size, count = self.hparams.eval_batch_size, images.shape[0]
+        if math.ceil(count / size) < world_size:
+            # a rank without a batch would wait forever for the others' metrics
+            raise ConfigError(
+                f"data.eval_batch_size={size} gives fewer batches of the {count} evaluation "
+                f"images than the {world_size} ranks; use at most {count // world_size}"
+            )
+        starts = range(rank * size, count, world_size * size)
+        return [row for start in starts for row in range(start, min(start + size, count))]
 
     @staticmethod
     def _batches(images: torch.Tensor, sampler, batch_size: int) -> DataLoader:
