@@ -207,9 +207,10 @@ class ImageDataModule(L.LightningDataModule):
         world_size, rank = self._ranks()
         if world_size == 1:
             return SequentialSampler(images)
+        # Limitation: val/loss and test/loss average the ranks' means, exact for equal shares
         size, count = self.hparams.eval_batch_size, images.shape[0]
         if math.ceil(count / size) < world_size:
-            # a rank without a batch would wait forever for the others' metrics
+            # a rank without a batch would have no metrics to sync with the others
             raise ConfigError(
                 f"data.eval_batch_size={size} gives fewer batches of the {count} evaluation "
                 f"images than the {world_size} ranks; use at most {count // world_size}"
