@@ -122,22 +122,26 @@ def test_ddp_jobs_of_a_multirun_each_keep_their_ranks_in_their_directory(data_di
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
 def test_local_launcher_runs_a_two_job_sweep(launcher, data_dir, tmp_path):
-    sweep = tmp_path / "sweep"
     result = run_cli(
         "train.py",
         "-m",
         f"launcher={launcher}",
-        *sweep_overrides(data_dir, sweep),
+        *TINY,
+        f"paths.data_dir={data_dir}",
+        f"paths.log_dir={tmp_path}",
         "trainer.max_epochs=1",
         "model.code_dim=4,8",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = job_metrics(sweep)
+    # the jobs, each in a process of its own, found the sweep directory the launcher made
+    sweeps = list((tmp_path / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps
+    metrics = job_metrics(sweeps[0])
     assert sorted(metrics) == ["0", "1"]
     assert all(m["test/psnr"] > 5 for m in metrics.values())
     # each job ran with the launcher's thread budget
     for job in ("0", "1"):
-        assert "torch uses 1 thread(s)" in (sweep / job / "train.log").read_text()
+        assert "torch uses 1 thread(s)" in (sweeps[0] / job / "train.log").read_text()
 
 
 def test_slurm_launcher_renders_the_cluster_submission(tmp_path, monkeypatch):
