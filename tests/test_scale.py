@@ -1,12 +1,14 @@
 """Scaling out through Lightning's and Hydra's own engines: DDP, launchers, Optuna."""
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 from conftest import TINY, compose_config
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_train import run_cli
@@ -14,6 +16,7 @@ from test_train import run_cli
 from aelab.data import ImageDataModule
 from aelab.errors import ConfigError
 from aelab.evaluation import evaluate
+from aelab.scale import pin_ranks_to_this_job
 
 
 def sweep_overrides(data_dir: Path, sweep_dir: Path) -> list[str]:
@@ -216,3 +219,19 @@ def test_optuna_search_reports_the_best_trial(data_dir, tmp_path):
     trials = [yaml.safe_load(p.read_text()) for p in sweep.glob("*/.hydra/overrides.yaml")]
     chosen = [f"{k}={v}" for k, v in best.items()]
     assert any(set(chosen) <= set(trial) for trial in trials)
+
+
+def test_ddp_ranks_of_a_multirun_job_rerun_that_job_alone(tmp_path, monkeypatch):
+    overrides = ["hydra.mode=MULTIRUN", "trainer=ddp", "model.code_dim=4"]
+    cfg = compose_config("train", overrides, tmp_path / "3")
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model.code_dim=4,8"])
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+
+    pin_ranks_to_this_job(cfg.trainer)
+    assert sys.argv == ["train.py", "trainer=ddp", "model.code_dim=4", "hydra.mode=RUN"]
+    assert HydraConfig.get().run.dir == str(tmp_path / "3")
+
+    # a launcher with processes of its own cannot have its job re-run for the ranks
+    cfg = compose_config("train", ["launcher=parallel", *overrides], tmp_path / "3")
+    with pytest.raises(ConfigError, match="trainer=ddp re-runs train.py"):
+        pin_ranks_to_this_job(cfg.trainer)

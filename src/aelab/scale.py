@@ -32,7 +32,7 @@ def set_torch_threads(threads: int | None) -> None:
 def launches_ranks(trainer: DictConfig) -> bool:
     """Whether Lightning will start the other ranks by running this script again."""
     # under SLURM every rank is a task of its own, started by srun
-    return trainer.strategy == "ddp" and "SLURM_NTASKS" not in os.environ
+    return trainer.strategy == "ddp" and trainer.devices != 1 and "SLURM_NTASKS" not in os.environ
 
 
 def pin_ranks_to_this_job(trainer: DictConfig) -> None:
@@ -49,7 +49,7 @@ def pin_ranks_to_this_job(trainer: DictConfig) -> None:
         # Limitation: DDP that re-runs the script works in a multirun of the default launcher only
         raise ConfigError(
             "trainer=ddp re-runs train.py for its ranks, which only the default launcher "
-            "allows in a multirun; drop the hydra/launcher override or use ddp under SLURM"
+            "allows in a multirun; leave out launcher=..., or use launcher=slurm"
         )
     sys.argv = [sys.argv[0], *hydra.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra.run):
