@@ -1,22 +1,43 @@
 """Scaling out through Lightning's and Hydra's own engines: DDP, launchers, Optuna."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import TINY, compose_config
+from conftest import ROOT, TINY, compose_config
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_train import run_cli
 
 from aelab.data import ImageDataModule
 from aelab.errors import ConfigError
 from aelab.evaluation import evaluate
 from aelab.scale import pin_ranks_to_this_job
+
+
+def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run an entry point in a session of its own, so that a timeout ends its workers too."""
+    with subprocess.Popen(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            # generous: a sweep starts several Python processes, slow on a busy machine
+            stdout, stderr = process.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def sweep_overrides(data_dir: Path, sweep_dir: Path) -> list[str]:
