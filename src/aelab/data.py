@@ -8,15 +8,23 @@ so the training path has no per-image transform and no collate step.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 from torchvision.datasets import MNIST, FashionMNIST
 
-from aelab.errors import DataError
+from aelab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,18 @@ class TensorBatches(Dataset):
 
     def __getitem__(self, rows: list[int]) -> torch.Tensor:
         return self.images[rows]
+
+
+class EpochBatchSampler(BatchSampler):
+    """A BatchSampler that passes `set_epoch` on to its sampler.
+
+    Lightning calls `set_epoch` on a loader's sampler before every epoch; here that sampler
+    is this batch sampler, and a DistributedSampler inside needs the epoch to reshuffle.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
 
 def raw_files(dataset: str) -> list[str]:
@@ -157,19 +177,55 @@ class ImageDataModule(L.LightningDataModule):
             self.test_images = load_images(hp.name, hp.data_dir, train=False)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = RandomSampler(self.train_images)
+        world_size, rank = self._ranks()
+        if world_size > 1:
+            # every rank shuffles with the same seed and takes its own share; the shares are
+            # padded to equal length so that all ranks run the same number of steps
+            sampler = DistributedSampler(
+                self.train_images, world_size, rank, shuffle=True, seed=torch.initial_seed()
+            )
+        else:
+            sampler = RandomSampler(self.train_images)
         return self._batches(self.train_images, sampler, self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        sampler = SequentialSampler(self.val_images)
-        return self._batches(self.val_images, sampler, self.hparams.eval_batch_size)
+        rows = self._eval_rows(self.val_images)
+        return self._batches(self.val_images, rows, self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        sampler = SequentialSampler(self.test_images)
-        return self._batches(self.test_images, sampler, self.hparams.eval_batch_size)
+        rows = self._eval_rows(self.test_images)
+        return self._batches(self.test_images, rows, self.hparams.eval_batch_size)
+
+    def _ranks(self) -> tuple[int, int]:
+        """World size and global rank of the trainer using this module (1, 0 without one)."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def _eval_rows(self, images: torch.Tensor):
+        """Rows this rank evaluates: all of them, or under DDP every world_size-th batch.
+
+        Whole batches, round robin, so that rank r's batch i is batch i * world_size + r of
+        the whole set: the model seeds its fixed noise with that index, and every image
+        is seen exactly once (no padding), so metrics synced across ranks are exact.
+        """
+        world_size, rank = self._ranks()
+        if world_size == 1:
+            return SequentialSampler(images)
+        # Limitation: val/loss and test/loss average the ranks' means, exact for equal shares
+        size, count = self.hparams.eval_batch_size, images.shape[0]
+        if math.ceil(count / size) < world_size:
+            # a rank without a batch would have no metrics to sync with the others
+            raise ConfigError(
+                f"data.eval_batch_size={size} gives fewer batches of the {count} evaluation "
+                f"images than the {world_size} ranks; use at most {count // world_size}"
+            )
+        starts = range(rank * size, count, world_size * size)
+        return [row for start in starts for row in range(start, min(start + size, count))]
 
     @staticmethod
     def _batches(images: torch.Tensor, sampler, batch_size: int) -> DataLoader:
-        # batch_size=None: the sampler already yields whole batches of row indices
-        batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+        # batch_size=None: the sampler already yields whole batches of row indices; the
+        # trainer must not replace it (use_distributed_sampler=false), as it shards itself
+        batches = EpochBatchSampler(sampler, batch_size=batch_size, drop_last=False)
         return DataLoader(TensorBatches(images), sampler=batches, batch_size=None)

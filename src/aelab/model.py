@@ -111,6 +111,11 @@ class Autoencoder(LightningModule):
         """Standard normal noise that depends only on the seed and the batch index."""
         return seeded_noise(x, self.hparams.noise_seed + batch_idx)
 
+    def whole_set_batch_idx(self, batch_idx: int) -> int:
+        """Index of this evaluation batch in the whole set, however many ranks share it."""
+        # the data module gives rank r the batches r, r + world_size, ... of the set
+        return batch_idx * self.trainer.world_size + self.global_rank
+
     def _shared_step(self, x: torch.Tensor, noise: torch.Tensor | None, stage: str):
         hp = self.hparams
         inputs = x if noise is None else corrupt(x, hp.noise_variance, noise, hp.clip_noisy)
@@ -133,7 +138,9 @@ class Autoencoder(LightningModule):
         return self._shared_step(x, noise, "train")
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
-        noise = self.fixed_noise(x, batch_idx) if self.hparams.noise_variance > 0 else None
+        noise = None
+        if self.hparams.noise_variance > 0:
+            noise = self.fixed_noise(x, self.whole_set_batch_idx(batch_idx))
         self._shared_step(x, noise, "val")
 
     def test_step(self, x: torch.Tensor, batch_idx: int) -> None:
@@ -141,7 +148,7 @@ class Autoencoder(LightningModule):
         self._shared_step(x, None, "test")
 
         # denoising: the same standard normal draw scaled to every variance
-        noise = self.fixed_noise(x, batch_idx)
+        noise = self.fixed_noise(x, self.whole_set_batch_idx(batch_idx))
         for i, variance in enumerate(self.hparams.test_variances):
             noisy = corrupt(x, variance, noise, self.hparams.clip_noisy)
             self.psnr_noisy[i](noisy, x)

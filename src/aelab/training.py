@@ -20,6 +20,7 @@ from aelab.config import validate_train_config
 from aelab.data import ImageDataModule
 from aelab.errors import CheckpointError
 from aelab.model import Autoencoder
+from aelab.scale import prepare_job
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def write_metrics(path: Path, metrics: dict) -> None:
 def train(cfg: DictConfig) -> float:
     """Fit, test the best checkpoint and write `metrics.json`; return the last val PSNR."""
     validate_train_config(cfg)
+    prepare_job(cfg)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     output_dir = Path(cfg.paths.output_dir)
     # Limitation: identical metrics for the same seed are guaranteed on the CPU only.
