@@ -1,19 +1,22 @@
 """MNIST and Fashion-MNIST served as in-memory tensors.
 
 The images are read once through torchvision's dataset classes, scaled to [0, 1],
-flattened to 784 values and kept as a single tensor. Batches are slices of that tensor,
-so the training path has no per-image transform and no collate step.
+flattened to 784 values and kept as a single tensor (on the GPU when training runs on
+one). Batches are slices of that tensor, cut by a tensor of row indices, so the training
+path has no per-image transform, no collate step and no copy from the host per step.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import MNIST, FashionMNIST
 
 from aelab.errors import DataError
@@ -30,7 +33,7 @@ LABELS_MAGIC = 0x00000801
 
 
 class TensorBatches(Dataset):
-    """A dataset whose items are whole batches: indexing with a list of rows slices them."""
+    """A dataset whose items are whole batches: indexing with a tensor of rows or a slice."""
 
     def __init__(self, images: torch.Tensor) -> None:
         self.images = images
@@ -38,8 +41,46 @@ class TensorBatches(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, rows: list[int]) -> torch.Tensor:
+    def __getitem__(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return self.images[rows]
+
+
+class ShuffledBatches(Sampler[torch.Tensor]):
+    """Each epoch, a random permutation of the rows cut into batches of row indices.
+
+    The permutation is drawn on the device the images live on, from a seed taken from
+    torch's global generator, as `RandomSampler` draws it: on the CPU the batches are the
+    ones a `RandomSampler` inside a `BatchSampler` gives, without a Python list per batch.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, device: torch.device) -> None:
+        self.num_rows = num_rows
+        self.batch_size = batch_size
+        self.device = device
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_rows / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        order = torch.randperm(self.num_rows, generator=generator, device=self.device)
+        return iter(order.split(self.batch_size))
+
+
+class SequentialBatches(Sampler[slice]):
+    """Consecutive slices of `batch_size` rows: batches that are views, not copies."""
+
+    def __init__(self, num_rows: int, batch_size: int) -> None:
+        self.num_rows = num_rows
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_rows / self.batch_size)
+
+    def __iter__(self) -> Iterator[slice]:
+        for start in range(0, self.num_rows, self.batch_size):
+            yield slice(start, min(start + self.batch_size, self.num_rows))
 
 
 def raw_files(dataset: str) -> list[str]:
@@ -150,21 +191,33 @@ class ImageDataModule(L.LightningDataModule):
             self.train_images = images[order[hp.val_size :]].contiguous()
         if stage in (None, "test", "predict") and self.test_images is None:
             self.test_images = load_images(hp.name, hp.data_dir, train=False, download=False)
+        self._move_to_trainer_device()
+
+    def _move_to_trainer_device(self) -> None:
+        # on a GPU the images are copied to it once, so that batches are cut on the device
+        # and no step copies from the host; on the CPU they stay where they are
+        if self.trainer is None or self.trainer.strategy.root_device.type == "cpu":
+            return
+        device = self.trainer.strategy.root_device
+        for name in ("train_images", "val_images", "test_images"):
+            images = getattr(self, name)
+            if images is not None and images.device != device:
+                setattr(self, name, images.to(device))
 
     def train_dataloader(self) -> DataLoader:
-        sampler = RandomSampler(self.train_images)
-        return self._batches(self.train_images, sampler, self.hparams.batch_size)
+        images = self.train_images
+        sampler = ShuffledBatches(len(images), self.hparams.batch_size, images.device)
+        return self._batches(images, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        sampler = SequentialSampler(self.val_images)
-        return self._batches(self.val_images, sampler, self.hparams.eval_batch_size)
+        sampler = SequentialBatches(len(self.val_images), self.hparams.eval_batch_size)
+        return self._batches(self.val_images, sampler)
 
     def test_dataloader(self) -> DataLoader:
-        sampler = SequentialSampler(self.test_images)
-        return self._batches(self.test_images, sampler, self.hparams.eval_batch_size)
+        sampler = SequentialBatches(len(self.test_images), self.hparams.eval_batch_size)
+        return self._batches(self.test_images, sampler)
 
     @staticmethod
-    def _batches(images: torch.Tensor, sampler, batch_size: int) -> DataLoader:
-        # batch_size=None: the sampler already yields whole batches of row indices
-        batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
-        return DataLoader(TensorBatches(images), sampler=batches, batch_size=None)
+    def _batches(images: torch.Tensor, sampler: Sampler) -> DataLoader:
+        # batch_size=None: the sampler already yields whole batches of rows
+        return DataLoader(TensorBatches(images), sampler=sampler, batch_size=None)
