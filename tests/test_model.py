@@ -2,7 +2,10 @@ import math
 
 import pytest
 import torch
+from lightning import Trainer
 from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics import MeanSquaredError
 
 from aelab.model import Autoencoder, corrupt, psnr_metric
 
@@ -71,3 +74,35 @@ def test_fixed_noise_depends_only_on_seed_and_batch():
     assert torch.equal(model.fixed_noise(x, 3), model.fixed_noise(x, 3))
     assert not torch.equal(model.fixed_noise(x, 3), model.fixed_noise(x, 4))
     assert not torch.equal(model.fixed_noise(x, 3), Autoencoder(noise_seed=8).fixed_noise(x, 3))
+
+
+def test_training_metrics_are_the_epoch_means_torchmetrics_and_lightning_give(tmp_path):
+    # lr 0 keeps the weights fixed, so the reference can be computed after the epoch
+    model = Autoencoder(hidden_dims=[32, 16], code_dim=8, l1_weight=1e-3, lr=0.0)
+    batches = [torch.rand(20, 784), torch.rand(20, 784), torch.rand(7, 784)]
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    logged = trainer.callback_metrics
+
+    mse, psnr = MeanSquaredError(), psnr_metric()
+    losses, penalties = [], []
+    with torch.no_grad():
+        for x in batches:
+            recon, loss, penalty = model._loss(x, None)
+            mse.update(recon, x)
+            psnr.update(recon, x)
+            losses.append(loss * len(x))
+            penalties.append(penalty * len(x))
+    images = sum(len(x) for x in batches)
+    assert logged["train/mse"].item() == pytest.approx(mse.compute().item(), rel=1e-5)
+    assert logged["train/psnr"].item() == pytest.approx(psnr.compute().item(), rel=1e-5)
+    assert logged["train/loss"].item() == pytest.approx(sum(losses).item() / images, rel=1e-5)
+    assert logged["train/l1"].item() == pytest.approx(sum(penalties).item() / images, rel=1e-5)

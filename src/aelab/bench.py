@@ -41,21 +41,21 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, random_split
 from torchvision.transforms import ToTensor
 
 from aelab.data import DATASETS, ImageDataModule
 from aelab.evaluation import model_from_checkpoint, read_checkpoint
-from aelab.model import Autoencoder, corrupt, seeded_noise
+from aelab.model import Autoencoder, corrupt
 from aelab.training import train
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # wall time is what a run costs; the process's CPU time is steadier on a busy machine
 # (use it with --threads 1, as idle threads also count)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-BATCH_SIZE = 128
-EVAL_BATCH_SIZE = 1000
 
 
 def synchronize(device: torch.device) -> None:
@@ -106,7 +106,8 @@ class EpochClock(L.Callback):
 # the project: train.py's own code path on the composed config
 
 
-def project_config(args, depth: int, output_dir: Path):
+def project_config(args, depth: int, output_dir: Path) -> DictConfig:
+    """The config train.py would compose, shrunk to the benchmark's epochs and batches."""
     overrides = [
         f"data={args.dataset}",
         f"paths.data_dir={args.data_dir}",
@@ -128,23 +129,26 @@ def project_config(args, depth: int, output_dir: Path):
         return compose("train", overrides=overrides)
 
 
-def run_project(args, depth: int, output_dir: Path) -> tuple[list[float], Path]:
+def run_project(cfg: DictConfig) -> tuple[list[float], Path]:
     """Train as train.py does, with one more callback that times the epochs."""
-    cfg = project_config(args, depth, output_dir)
     # the progress bar draws on stdout: keep its cost, drop its output
     with contextlib.redirect_stdout(io.StringIO()):
         train(cfg)
-    metrics = json.loads((output_dir / "metrics.json").read_text())
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     return EpochClock.latest.times, Path(metrics["best_checkpoint"])
 
 
 # the floor: plain PyTorch over the same tensors
 
 
-def run_plain(args, depth: int, train_images, val_images) -> list[float]:
+def run_plain(args, cfg: DictConfig, datamodule: ImageDataModule) -> list[float]:
+    """A bare loop: shuffled slices, MSE, backward, the model's own optimizer."""
     torch.manual_seed(0)
-    model = Autoencoder(depth=depth, code_dim=args.code_dim).to(args.device)
+    model = instantiate(cfg.model, _convert_="all").to(args.device)
     optimizer = model.configure_optimizers()
+    train_images = datamodule.train_images.to(args.device)
+    val_images = datamodule.val_images.to(args.device)
+    batch_size, eval_batch_size = cfg.data.batch_size, cfg.data.eval_batch_size
     now = CLOCKS[args.clock]
     times = []
     for _ in range(args.epochs):
@@ -153,18 +157,19 @@ def run_plain(args, depth: int, train_images, val_images) -> list[float]:
 
         model.train()
         order = torch.randperm(len(train_images), device=args.device)
-        for step, first in enumerate(range(0, len(order), BATCH_SIZE)):
+        for step, rows in enumerate(order.split(batch_size)):
             if args.limit_batches and step >= args.limit_batches:
                 break
-            x = train_images[order[first : first + BATCH_SIZE]]
+            x = train_images[rows]
             loss = F.mse_loss(model(x), x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
+        # the project's epoch validates too
         model.eval()
         with torch.inference_mode():
-            for x in val_images.split(EVAL_BATCH_SIZE):
+            for x in val_images.split(eval_batch_size):
                 F.mse_loss(model(x), x)
 
         synchronize(args.device)
@@ -176,9 +181,8 @@ def run_plain(args, depth: int, train_images, val_images) -> list[float]:
 
 
 class TutorialAutoencoder(L.LightningModule):
-    def __init__(self, depth: int, code_dim: int) -> None:
+    def __init__(self, reference: Autoencoder) -> None:
         super().__init__()
-        reference = Autoencoder(depth=depth, code_dim=code_dim)
         self.encoder, self.decoder = reference.encoder, reference.decoder
 
     def training_step(self, batch, batch_idx):
@@ -192,14 +196,15 @@ class TutorialAutoencoder(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def run_tutorial(args, depth: int, val_size: int) -> list[float]:
+def run_tutorial(args, cfg: DictConfig) -> list[float]:
     dataset = DATASETS[args.dataset](str(args.data_dir), train=True, transform=ToTensor())
+    val_size = cfg.data.val_size
     generator = torch.Generator().manual_seed(0)
     train_set, _ = random_split(dataset, [len(dataset) - val_size, val_size], generator)
-    loader = DataLoader(train_set, batch_size=BATCH_SIZE, shuffle=True)
+    loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True)
     clock = EpochClock(args.clock)
     trainer = L.Trainer(
-        accelerator="gpu" if args.device.type == "cuda" else "cpu",
+        accelerator=cfg.trainer.accelerator,
         devices=1,
         max_epochs=args.epochs,
         limit_train_batches=args.limit_batches or None,
@@ -209,7 +214,7 @@ def run_tutorial(args, depth: int, val_size: int) -> list[float]:
         enable_model_summary=False,
         callbacks=[clock],
     )
-    trainer.fit(TutorialAutoencoder(depth, args.code_dim), loader)
+    trainer.fit(TutorialAutoencoder(instantiate(cfg.model, _convert_="all")), loader)
     return clock.times
 
 
@@ -225,13 +230,11 @@ def time_it(fn: Callable[[], object], args) -> float:
     return now() - start
 
 
-def time_evaluation(args, checkpoint: Path, test_images: torch.Tensor) -> dict[str, float]:
+def time_evaluation(args, cfg, checkpoint: Path, datamodule: ImageDataModule) -> dict:
     """Seconds for the project's test (trainer.test) and for the bare forward passes."""
     model = model_from_checkpoint(read_checkpoint(checkpoint)).to(args.device)
-    datamodule = ImageDataModule(name=args.dataset, data_dir=str(args.data_dir), download=False)
-    datamodule.setup("test")
     trainer = L.Trainer(
-        accelerator="gpu" if args.device.type == "cuda" else "cpu",
+        accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -239,13 +242,14 @@ def time_evaluation(args, checkpoint: Path, test_images: torch.Tensor) -> dict[s
         enable_model_summary=False,
     )
     test = time_it(lambda: trainer.test(model, datamodule=datamodule, verbose=False), args)
+    test_images = datamodule.test_images.to(args.device)
 
     @torch.inference_mode()
     def forward_passes():
         model.eval()
         for variance in model.hparams.test_variances:
-            for batch_idx, x in enumerate(test_images.split(EVAL_BATCH_SIZE)):
-                noise = seeded_noise(x, batch_idx)
+            for batch_idx, x in enumerate(test_images.split(cfg.data.eval_batch_size)):
+                noise = model.fixed_noise(x, batch_idx)
                 model(corrupt(x, variance, noise, clip=True))
 
     return {"trainer.test": test, "forward passes": time_it(forward_passes, args)}
@@ -309,20 +313,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    datamodule = ImageDataModule(name=args.dataset, data_dir=str(args.data_dir), download=False)
+    # the data once, as the project's data module reads and splits them
+    with tempfile.TemporaryDirectory(prefix="aelab-bench-") as tmp:
+        cfg = project_config(args, args.depths[0], Path(tmp))
+    datamodule = instantiate(cfg.data)
     datamodule.setup()
-    train_images = datamodule.train_images.to(args.device)
-    val_images = datamodule.val_images.to(args.device)
-    test_images = datamodule.test_images.to(args.device)
-    batches = math.ceil(len(train_images) / BATCH_SIZE)
+    batches = math.ceil(len(datamodule.train_images) / cfg.data.batch_size)
     if args.limit_batches:
         batches = min(batches, args.limit_batches)
-    samples = min(batches * BATCH_SIZE, len(train_images))
+    samples = min(batches * cfg.data.batch_size, len(datamodule.train_images))
 
     peak = matmul_peak(args.device, CLOCKS[args.clock])
     print(
         f"{args.dataset} on {args.device}, {torch.get_num_threads()} threads, {args.clock} clock: "
-        f"{args.epochs} epochs of {batches} batches of {BATCH_SIZE}; "
+        f"{args.epochs} epochs of {batches} batches of {cfg.data.batch_size}; "
         f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
     if args.override:
@@ -330,16 +334,17 @@ def main(argv: list[str] | None = None) -> None:
 
     for depth in args.depths:
         with tempfile.TemporaryDirectory(prefix="aelab-bench-") as tmp:
-            times = {"plain": run_plain(args, depth, train_images, val_images)}
-            project_times, best = run_project(args, depth, Path(tmp))
-            times["project"] = project_times
-            times["tutorial"] = run_tutorial(args, depth, len(val_images))
-            weights = linear_weights(Autoencoder(depth=depth, code_dim=args.code_dim))
+            cfg = project_config(args, depth, Path(tmp))
+            times = {"plain": run_plain(args, cfg, datamodule)}
+            times["project"], best = run_project(cfg)
+            times["tutorial"] = run_tutorial(args, cfg)
+            weights = linear_weights(instantiate(cfg.model, _convert_="all"))
             report_depth(depth, times, samples, weights, peak)
 
-            seconds = time_evaluation(args, best, test_images)
+            seconds = time_evaluation(args, cfg, best, datamodule)
             print(
-                f"evaluation of {len(test_images):,} test images at 5 variances: "
+                f"evaluation of {len(datamodule.test_images):,} test images at "
+                f"{len(cfg.model.test_variances)} variances: "
                 + ", ".join(f"{name} {s:.2f} s" for name, s in seconds.items())
             )
 
