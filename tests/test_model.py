@@ -6,6 +6,7 @@ from lightning import Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from aelab.model import Autoencoder, corrupt, psnr_metric
 
@@ -92,7 +93,7 @@ def test_training_metrics_are_the_epoch_means_torchmetrics_and_lightning_give(tm
     trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
     logged = trainer.callback_metrics
 
-    mse, psnr = MeanSquaredError(), psnr_metric()
+    mse, psnr = MeanSquaredError(), PeakSignalNoiseRatio(data_range=1.0, dim=1)
     losses, penalties = [], []
     with torch.no_grad():
         for x in batches:
@@ -106,3 +107,14 @@ def test_training_metrics_are_the_epoch_means_torchmetrics_and_lightning_give(tm
     assert logged["train/psnr"].item() == pytest.approx(psnr.compute().item(), rel=1e-5)
     assert logged["train/loss"].item() == pytest.approx(sum(losses).item() / images, rel=1e-5)
     assert logged["train/l1"].item() == pytest.approx(sum(penalties).item() / images, rel=1e-5)
+
+
+def test_psnr_metric_matches_torchmetrics_per_image_psnr():
+    reference = PeakSignalNoiseRatio(data_range=1.0, dim=1)
+    metric = psnr_metric()
+    for size in (20, 20, 7):
+        x = torch.rand(size, 784)
+        y = (x + 0.2 * torch.rand(size, 784)).clamp(0, 1)
+        reference.update(y, x)
+        metric.update(y, x)
+    assert metric.compute().item() == pytest.approx(reference.compute().item(), rel=1e-6)

@@ -118,7 +118,8 @@ def project_config(args, depth: int, output_dir: Path) -> DictConfig:
         f"model.code_dim={args.code_dim}",
         f"trainer.max_epochs={args.epochs}",
         f"trainer.accelerator={'gpu' if args.device.type == 'cuda' else 'cpu'}",
-        "+callbacks.epoch_clock._target_=aelab.bench.EpochClock",
+        # the class of this very module, also when it runs as __main__
+        f"+callbacks.epoch_clock._target_={EpochClock.__module__}.EpochClock",
         f"+callbacks.epoch_clock.clock={args.clock}",
         *args.override,
     ]

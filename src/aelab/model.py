@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
-from torchmetrics import MeanSquaredError, MetricCollection
-from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics import MeanSquaredError, Metric, MetricCollection
 
 from aelab.data import NUM_PIXELS
 
@@ -44,9 +43,41 @@ def seeded_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
-def psnr_metric() -> PeakSignalNoiseRatio:
-    # peak 1.0 for pixels in [0, 1]; dim=1 gives one PSNR per image, then their mean
-    return PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=1)
+def image_psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR of each image against its target, with a peak of 1.0: 10 log10(1 / mse)."""
+    mse = (recon - target).square().mean(dim=1)
+    return -10.0 * torch.log10(mse)
+
+
+class MeanImagePSNR(Metric):
+    """PSNR per image (peak 1.0), averaged over all images seen.
+
+    The same value as torchmetrics' PeakSignalNoiseRatio(data_range=1.0, dim=1), kept as a
+    running sum and a count instead of a list of every image's value, so that updating,
+    logging and syncing it cost the same at the last batch as at the first.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # float64: the sum runs over tens of thousands of values near 20
+        self.add_state("psnr_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("images", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, recon: torch.Tensor, target: torch.Tensor) -> None:
+        psnr = image_psnr(recon, target)
+        self.psnr_sum += psnr.sum()
+        self.images += psnr.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.psnr_sum / self.images).float()
+
+
+def psnr_metric() -> MeanImagePSNR:
+    return MeanImagePSNR()
 
 
 def variance_name(variance: float) -> str:
@@ -93,7 +124,7 @@ class Autoencoder(LightningModule):
             setattr(self, f"{stage}_metrics", metrics.clone(prefix=f"{stage}/"))
         # the training metrics are running sums: loss, l1, squared error and PSNR per image,
         # each summed over the images of the epoch (not saved in checkpoints)
-        self.register_buffer("train_sums", torch.zeros(4), persistent=False)
+        self.register_buffer("train_sums", torch.zeros(4, dtype=torch.float64), persistent=False)
         self.train_images_seen = 0
         self.psnr_noisy = nn.ModuleList(psnr_metric() for _ in test_variances)
         self.psnr_denoised = nn.ModuleList(psnr_metric() for _ in test_variances)
@@ -147,7 +178,7 @@ class Autoencoder(LightningModule):
         # running sums instead of per-step logging and torchmetrics updates: a handful of
         # small tensor ops per step, no host sync, one log call per epoch
         squared_errors = (recon.detach().float() - x).square().sum(dim=1)
-        # PSNR per image with a peak of 1.0: 10 log10(1 / mse)
+        # image_psnr, from the squared errors the mse needs anyway
         psnr = -10.0 * torch.log10(squared_errors / x.shape[1])
         images = x.shape[0]
         self.train_images_seen += images
@@ -164,10 +195,10 @@ class Autoencoder(LightningModule):
         # torchmetrics syncs them
         counted = torch.cat([self.train_sums[2:], self.train_sums.new_tensor([images])])
         squared_errors, psnr, images = self.trainer.strategy.reduce(counted, reduce_op="sum")
-        self.log("train/loss", loss)
-        self.log("train/l1", penalty)
-        self.log("train/mse", squared_errors / (images * NUM_PIXELS))
-        self.log("train/psnr", psnr / images)
+        self.log("train/loss", loss.float())
+        self.log("train/l1", penalty.float())
+        self.log("train/mse", (squared_errors / (images * NUM_PIXELS)).float())
+        self.log("train/psnr", (psnr / images).float())
         self.train_sums.zero_()
         self.train_images_seen = 0
 
@@ -183,8 +214,8 @@ class Autoencoder(LightningModule):
         noise = self.fixed_noise(x, batch_idx)
         for i, variance in enumerate(self.hparams.test_variances):
             noisy = corrupt(x, variance, noise, self.hparams.clip_noisy)
-            self.psnr_noisy[i](noisy, x)
-            self.psnr_denoised[i](self(noisy), x)
+            self.psnr_noisy[i].update(noisy, x)
+            self.psnr_denoised[i].update(self(noisy), x)
             name = variance_name(variance)
             self.log(f"test/psnr_noisy_{name}", self.psnr_noisy[i], on_step=False, on_epoch=True)
             self.log(f"test/psnr_denoised_{name}", self.psnr_denoised[i], on_epoch=True)
