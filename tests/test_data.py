@@ -1,8 +1,9 @@
 import pytest
 import torch
 from conftest import SIZES
+from torch.utils.data import BatchSampler, RandomSampler
 
-from aelab.data import ImageDataModule, check_idx_file, load_images
+from aelab.data import ImageDataModule, ShuffledBatches, check_idx_file, load_images
 from aelab.errors import DataError
 
 
@@ -62,3 +63,24 @@ def test_wrong_magic_number_is_named(tmp_path):
     bad.write_bytes(b"\x00\x00\x09\x99" + bytes(100))
     with pytest.raises(DataError, match="wrong magic number"):
         check_idx_file(bad)
+
+
+def test_shuffled_batches_are_those_of_a_random_batch_sampler():
+    # on the CPU the batches match what RandomSampler in a BatchSampler gives for one seed
+    torch.manual_seed(3)
+    batches = list(ShuffledBatches(50, 16, torch.device("cpu")))
+    torch.manual_seed(3)
+    reference = list(BatchSampler(RandomSampler(range(50)), batch_size=16, drop_last=False))
+
+    assert [b.tolist() for b in batches] == reference
+    assert len(ShuffledBatches(50, 16, torch.device("cpu"))) == len(reference) == 4
+
+
+def test_sequential_batches_are_views_covering_every_row_once(data_dir):
+    dm = ImageDataModule(data_dir=str(data_dir), val_size=50, eval_batch_size=20)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+
+    assert [len(b) for b in batches] == [20, 20, 10]
+    assert torch.equal(torch.cat(batches), dm.val_images)
+    assert batches[0].untyped_storage().data_ptr() == dm.val_images.untyped_storage().data_ptr()

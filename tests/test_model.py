@@ -2,7 +2,11 @@ import math
 
 import pytest
 import torch
+from lightning import Trainer
 from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics import MeanSquaredError
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from aelab.model import Autoencoder, corrupt, psnr_metric
 
@@ -71,3 +75,46 @@ def test_fixed_noise_depends_only_on_seed_and_batch():
     assert torch.equal(model.fixed_noise(x, 3), model.fixed_noise(x, 3))
     assert not torch.equal(model.fixed_noise(x, 3), model.fixed_noise(x, 4))
     assert not torch.equal(model.fixed_noise(x, 3), Autoencoder(noise_seed=8).fixed_noise(x, 3))
+
+
+def test_training_metrics_are_the_epoch_means_torchmetrics_and_lightning_give(tmp_path):
+    # lr 0 keeps the weights fixed, so the reference can be computed after the epoch
+    model = Autoencoder(hidden_dims=[32, 16], code_dim=8, l1_weight=1e-3, lr=0.0)
+    batches = [torch.rand(20, 784), torch.rand(20, 784), torch.rand(7, 784)]
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    logged = trainer.callback_metrics
+
+    mse, psnr = MeanSquaredError(), PeakSignalNoiseRatio(data_range=1.0, dim=1)
+    losses, penalties = [], []
+    with torch.no_grad():
+        for x in batches:
+            recon, loss, penalty = model._loss(x, None)
+            mse.update(recon, x)
+            psnr.update(recon, x)
+            losses.append(loss * len(x))
+            penalties.append(penalty * len(x))
+    images = sum(len(x) for x in batches)
+    assert logged["train/mse"].item() == pytest.approx(mse.compute().item(), rel=1e-5)
+    assert logged["train/psnr"].item() == pytest.approx(psnr.compute().item(), rel=1e-5)
+    assert logged["train/loss"].item() == pytest.approx(sum(losses).item() / images, rel=1e-5)
+    assert logged["train/l1"].item() == pytest.approx(sum(penalties).item() / images, rel=1e-5)
+
+
+def test_psnr_metric_matches_torchmetrics_per_image_psnr():
+    reference = PeakSignalNoiseRatio(data_range=1.0, dim=1)
+    metric = psnr_metric()
+    for size in (20, 20, 7):
+        x = torch.rand(size, 784)
+        y = (x + 0.2 * torch.rand(size, 784)).clamp(0, 1)
+        reference.update(y, x)
+        metric.update(y, x)
+    assert metric.compute().item() == pytest.approx(reference.compute().item(), rel=1e-6)

@@ -1,8 +1,9 @@
 """MNIST and Fashion-MNIST served as in-memory tensors.
 
 The images are read once through torchvision's dataset classes, scaled to [0, 1],
-flattened to 784 values and kept as a single tensor. Batches are slices of that tensor,
-so the training path has no per-image transform and no collate step.
+flattened to 784 values and kept as a single tensor (on the GPU when training runs on
+one). Batches are slices of that tensor, cut by a tensor of row indices, so the training
+path has no per-image transform, no collate step and no copy from the host per step.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -19,8 +21,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     DistributedSampler,
-    RandomSampler,
-    SequentialSampler,
+    Sampler,
 )
 from torchvision.datasets import MNIST, FashionMNIST
 
@@ -38,7 +39,7 @@ LABELS_MAGIC = 0x00000801
 
 
 class TensorBatches(Dataset):
-    """A dataset whose items are whole batches: indexing with a list of rows slices them."""
+    """A dataset whose items are whole batches: indexing with a tensor of rows or a slice."""
 
     def __init__(self, images: torch.Tensor) -> None:
         self.images = images
@@ -46,7 +47,7 @@ class TensorBatches(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, rows: list[int]) -> torch.Tensor:
+    def __getitem__(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return self.images[rows]
 
 
@@ -60,6 +61,54 @@ class EpochBatchSampler(BatchSampler):
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+
+
+class ShuffledBatches(Sampler[torch.Tensor]):
+    """Each epoch, a random permutation of the rows cut into batches of row indices.
+
+    The permutation is drawn on the device the images live on, from a seed taken from
+    torch's global generator, as `RandomSampler` draws it: on the CPU the batches are the
+    ones a `RandomSampler` inside a `BatchSampler` gives, without a Python list per batch.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, device: torch.device) -> None:
+        self.num_rows = num_rows
+        self.batch_size = batch_size
+        self.device = device
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_rows / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        order = torch.randperm(self.num_rows, generator=generator, device=self.device)
+        return iter(order.split(self.batch_size))
+
+
+class SequentialBatches(Sampler[slice]):
+    """Consecutive slices of `batch_size` rows: batches that are views, not copies.
+
+    With `world_size` > 1, rank `rank` takes every `world_size`-th batch, starting at its
+    own: its batch i is batch i * world_size + rank of the whole set.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.num_rows = num_rows
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return len(self._starts())
+
+    def __iter__(self) -> Iterator[slice]:
+        for start in self._starts():
+            yield slice(start, min(start + self.batch_size, self.num_rows))
+
+    def _starts(self) -> range:
+        step = self.world_size * self.batch_size
+        return range(self.rank * self.batch_size, self.num_rows, step)
 
 
 def raw_files(dataset: str) -> list[str]:
@@ -175,26 +224,39 @@ class ImageDataModule(L.LightningDataModule):
             self.train_images = images[order[hp.val_size :]].contiguous()
         if stage in (None, "test", "predict") and self.test_images is None:
             self.test_images = load_images(hp.name, hp.data_dir, train=False)
+        self._move_to_trainer_device()
+
+    def _move_to_trainer_device(self) -> None:
+        # on a GPU the images are copied to it once, so that batches are cut on the device
+        # and no step copies from the host; on the CPU they stay where they are
+        if self.trainer is None or self.trainer.strategy.root_device.type == "cpu":
+            return
+        device = self.trainer.strategy.root_device
+        for name in ("train_images", "val_images", "test_images"):
+            images = getattr(self, name)
+            if images is not None and images.device != device:
+                setattr(self, name, images.to(device))
 
     def train_dataloader(self) -> DataLoader:
+        images = self.train_images
         world_size, rank = self._ranks()
-        if world_size > 1:
-            # every rank shuffles with the same seed and takes its own share; the shares are
-            # padded to equal length so that all ranks run the same number of steps
-            sampler = DistributedSampler(
-                self.train_images, world_size, rank, shuffle=True, seed=torch.initial_seed()
+        if world_size == 1:
+            return self._batches(
+                images, ShuffledBatches(len(images), self.hparams.batch_size, images.device)
             )
-        else:
-            sampler = RandomSampler(self.train_images)
-        return self._batches(self.train_images, sampler, self.hparams.batch_size)
+        # every rank shuffles with the same seed and takes its own share; the shares are
+        # padded to equal length so that all ranks run the same number of steps
+        seed = torch.initial_seed()
+        shard = DistributedSampler(images, world_size, rank, shuffle=True, seed=seed)
+        return self._batches(
+            images, EpochBatchSampler(shard, self.hparams.batch_size, drop_last=False)
+        )
 
     def val_dataloader(self) -> DataLoader:
-        rows = self._eval_rows(self.val_images)
-        return self._batches(self.val_images, rows, self.hparams.eval_batch_size)
+        return self._batches(self.val_images, self._eval_batches(self.val_images))
 
     def test_dataloader(self) -> DataLoader:
-        rows = self._eval_rows(self.test_images)
-        return self._batches(self.test_images, rows, self.hparams.eval_batch_size)
+        return self._batches(self.test_images, self._eval_batches(self.test_images))
 
     def _ranks(self) -> tuple[int, int]:
         """World size and global rank of the trainer using this module (1, 0 without one)."""
@@ -202,30 +264,26 @@ class ImageDataModule(L.LightningDataModule):
             return 1, 0
         return self.trainer.world_size, self.trainer.global_rank
 
-    def _eval_rows(self, images: torch.Tensor):
-        """Rows this rank evaluates: all of them, or under DDP every world_size-th batch.
+    def _eval_batches(self, images: torch.Tensor) -> SequentialBatches:
+        """The batches this rank evaluates: all of them, or under DDP every world_size-th.
 
         Whole batches, round robin, so that rank r's batch i is batch i * world_size + r of
         the whole set: the model seeds its fixed noise with that index, and every image
         is seen exactly once (no padding), so metrics synced across ranks are exact.
         """
         world_size, rank = self._ranks()
-        if world_size == 1:
-            return SequentialSampler(images)
-        # Limitation: val/loss and test/loss average the ranks' means, exact for equal shares
         size, count = self.hparams.eval_batch_size, images.shape[0]
+        # Limitation: val/loss and test/loss average the ranks' means, exact for equal shares
         if math.ceil(count / size) < world_size:
             # a rank without a batch would have no metrics to sync with the others
             raise ConfigError(
                 f"data.eval_batch_size={size} gives fewer batches of the {count} evaluation "
                 f"images than the {world_size} ranks; use at most {count // world_size}"
             )
-        starts = range(rank * size, count, world_size * size)
-        return [row for start in starts for row in range(start, min(start + size, count))]
+        return SequentialBatches(count, size, rank, world_size)
 
     @staticmethod
-    def _batches(images: torch.Tensor, sampler, batch_size: int) -> DataLoader:
-        # batch_size=None: the sampler already yields whole batches of row indices; the
-        # trainer must not replace it (use_distributed_sampler=false), as it shards itself
-        batches = EpochBatchSampler(sampler, batch_size=batch_size, drop_last=False)
-        return DataLoader(TensorBatches(images), sampler=batches, batch_size=None)
+    def _batches(images: torch.Tensor, sampler: Sampler) -> DataLoader:
+        # batch_size=None: the sampler already yields whole batches of rows; the trainer
+        # must not replace it (use_distributed_sampler=false), as it shards itself
+        return DataLoader(TensorBatches(images), sampler=sampler, batch_size=None)

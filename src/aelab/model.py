@@ -8,14 +8,12 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
-from torchmetrics import MeanSquaredError, MetricCollection
-from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics import MeanSquaredError, Metric, MetricCollection
 
 from aelab.data import NUM_PIXELS
 
 DEFAULT_HIDDEN_DIMS = {3: [512, 256], 5: [512, 384, 256, 128]}
 DEFAULT_TEST_VARIANCES = [0.1, 0.25, 0.5, 0.75, 1.0]
-STAGES = ("train", "val", "test")
 
 
 def mlp(dims: list[int], dropout: float, output: nn.Module | None) -> nn.Sequential:
@@ -45,9 +43,41 @@ def seeded_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
-def psnr_metric() -> PeakSignalNoiseRatio:
-    # peak 1.0 for pixels in [0, 1]; dim=1 gives one PSNR per image, then their mean
-    return PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=1)
+def image_psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR of each image against its target, with a peak of 1.0: 10 log10(1 / mse)."""
+    mse = (recon - target).square().mean(dim=1)
+    return -10.0 * torch.log10(mse)
+
+
+class MeanImagePSNR(Metric):
+    """PSNR per image (peak 1.0), averaged over all images seen.
+
+    The same value as torchmetrics' PeakSignalNoiseRatio(data_range=1.0, dim=1), kept as a
+    running sum and a count instead of a list of every image's value, so that updating,
+    logging and syncing it cost the same at the last batch as at the first.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # float64: the sum runs over tens of thousands of values near 20
+        self.add_state("psnr_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("images", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, recon: torch.Tensor, target: torch.Tensor) -> None:
+        psnr = image_psnr(recon, target)
+        self.psnr_sum += psnr.sum()
+        self.images += psnr.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.psnr_sum / self.images).float()
+
+
+def psnr_metric() -> MeanImagePSNR:
+    return MeanImagePSNR()
 
 
 def variance_name(variance: float) -> str:
@@ -76,6 +106,7 @@ class Autoencoder(LightningModule):
         lr: float = 1e-3,
         test_variances: list[float] | None = None,
         noise_seed: int = 2024,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         hidden_dims = list(hidden_dims) if hidden_dims else DEFAULT_HIDDEN_DIMS[depth]
@@ -87,12 +118,20 @@ class Autoencoder(LightningModule):
         self.encoder = mlp(dims, dropout, output=None)
         self.decoder = mlp(dims[::-1], dropout, output=nn.Sigmoid())
 
-        # MSE and PSNR of the reconstruction, one collection per stage
-        for stage in STAGES:
+        # MSE and PSNR of the reconstruction in validation and test, one collection each
+        for stage in ("val", "test"):
             metrics = MetricCollection({"mse": MeanSquaredError(), "psnr": psnr_metric()})
             setattr(self, f"{stage}_metrics", metrics.clone(prefix=f"{stage}/"))
+        # the training metrics are running sums: loss, l1, squared error and PSNR per image,
+        # each summed over the images of the epoch (not saved in checkpoints)
+        self.register_buffer("train_sums", torch.zeros(4, dtype=torch.float64), persistent=False)
+        self.train_images_seen = 0
         self.psnr_noisy = nn.ModuleList(psnr_metric() for _ in test_variances)
         self.psnr_denoised = nn.ModuleList(psnr_metric() for _ in test_variances)
+
+        # torch.compile of the training loss (forward and, through it, backward): no faster
+        # on a CPU at batch 128 and costs seconds to compile, so it is off by default
+        self.training_loss = torch.compile(self._loss) if compile else self._loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
@@ -116,46 +155,83 @@ class Autoencoder(LightningModule):
         # the data module gives rank r the batches r, r + world_size, ... of the set
         return batch_idx * self.trainer.world_size + self.global_rank
 
-    def _shared_step(self, x: torch.Tensor, noise: torch.Tensor | None, stage: str):
+    def _loss(self, x: torch.Tensor, noise: torch.Tensor | None):
+        """Reconstruction of `x` (corrupted by `noise` if given), the loss and its penalty."""
         hp = self.hparams
         inputs = x if noise is None else corrupt(x, hp.noise_variance, noise, hp.clip_noisy)
         code = self.encoder(inputs)
         recon = self.decoder(code)
-        mse = F.mse_loss(recon, x)
         penalty = self.l1_penalty(code)
-        loss = mse + penalty
+        return recon, F.mse_loss(recon, x) + penalty, penalty
 
+    def _evaluation_step(self, x: torch.Tensor, noise: torch.Tensor | None, stage: str) -> None:
+        recon, loss, penalty = self._loss(x, noise)
         metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(recon, x)
-        sync = stage != "train"
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=sync)
-        self.log(f"{stage}/l1", penalty, on_step=False, on_epoch=True, sync_dist=sync)
+        metrics.update(recon.float(), x)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/l1", penalty, on_step=False, on_epoch=True, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True)
-        return loss
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
         noise = torch.randn_like(x) if self.hparams.noise_variance > 0 else None
-        return self._shared_step(x, noise, "train")
+        recon, loss, penalty = self.training_loss(x, noise)
+        self._accumulate_train_metrics(x, recon, loss, penalty)
+        return loss
+
+    @torch.no_grad()
+    def _accumulate_train_metrics(self, x, recon, loss, penalty) -> None:
+        # running sums instead of per-step logging and torchmetrics updates: a handful of
+        # small tensor ops per step, no host sync, one log call per epoch
+        squared_errors = (recon.detach().float() - x).square().sum(dim=1)
+        # image_psnr, from the squared errors the mse needs anyway
+        psnr = -10.0 * torch.log10(squared_errors / x.shape[1])
+        images = x.shape[0]
+        self.train_images_seen += images
+        loss, penalty = loss.detach() * images, penalty.detach() * images
+        self.train_sums += torch.stack([loss, penalty, squared_errors.sum(), psnr.sum()])
+
+    def on_train_epoch_end(self) -> None:
+        images = self.train_images_seen
+        if images == 0:
+            return
+        loss, penalty = self.train_sums[:2] / images
+        # loss and l1 are per-process means weighted by batch size, as Lightning's epoch
+        # logging computes them; mse and psnr are over the images of all processes, as
+        # torchmetrics syncs them
+        counted = torch.cat([self.train_sums[2:], self.train_sums.new_tensor([images])])
+        squared_errors, psnr, images = self.trainer.strategy.reduce(counted, reduce_op="sum")
+        self.log("train/loss", loss.float())
+        self.log("train/l1", penalty.float())
+        self.log("train/mse", (squared_errors / (images * NUM_PIXELS)).float())
+        self.log("train/psnr", (psnr / images).float())
+        self.train_sums.zero_()
+        self.train_images_seen = 0
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
         noise = None
         if self.hparams.noise_variance > 0:
             noise = self.fixed_noise(x, self.whole_set_batch_idx(batch_idx))
-        self._shared_step(x, noise, "val")
+        self._evaluation_step(x, noise, "val")
 
     def test_step(self, x: torch.Tensor, batch_idx: int) -> None:
         # the clean test metrics: the model reconstructs uncorrupted images
-        self._shared_step(x, None, "test")
+        self._evaluation_step(x, None, "test")
 
         # denoising: the same standard normal draw scaled to every variance
         noise = self.fixed_noise(x, self.whole_set_batch_idx(batch_idx))
         for i, variance in enumerate(self.hparams.test_variances):
             noisy = corrupt(x, variance, noise, self.hparams.clip_noisy)
-            self.psnr_noisy[i](noisy, x)
-            self.psnr_denoised[i](self(noisy), x)
+            self.psnr_noisy[i].update(noisy, x)
+            self.psnr_denoised[i].update(self(noisy), x)
             name = variance_name(variance)
             self.log(f"test/psnr_noisy_{name}", self.psnr_noisy[i], on_step=False, on_epoch=True)
             self.log(f"test/psnr_denoised_{name}", self.psnr_denoised[i], on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        # the fused kernel updates the weights in one pass instead of several per tensor;
+        # Lightning cannot clip the gradients of a fused optimizer under mixed precision
+        trainer = self._trainer
+        clipped_mixed = (
+            trainer is not None and trainer.gradient_clip_val and "mixed" in trainer.precision
+        )
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=not clipped_mixed)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,10 +27,16 @@ log = logging.getLogger(__name__)
 # the data are in memory already: worker processes would only add start-up time
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
+# steps between redraws of the progress bar: Lightning's default redraws it every step,
+# which costs a terminal write and a metrics lookup each time
+PROGRESS_BAR_REFRESH_RATE = 50
+
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks += [EpochTimer(), RandomState(), StopOnNonFiniteLoss()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE))
     if cfg.early_stopping.enabled:
         callbacks.append(
             EarlyStopping(
