@@ -80,7 +80,10 @@ def test_bad_config_value_is_one_line_naming_key_value_and_range(train_config, o
         (["data=bogus"], "data='bogus' is not allowed: use one of ['fmnist', 'mnist']"),
         (["regularizer=l2"], "regularizer='l2' is not allowed: use one of ['dropout', 'lasso'"),
         (["model.depth=5", "data=mnist,svhn"], "data='svhn' is not allowed"),
-        (["experiment=gird"], "experiment='gird' is not allowed: use one of ['grid'"),
+        (
+            ["experiment=gird"],
+            "experiment='gird' is not allowed: use one of ['denoise', 'grid', 'lasso_search']",
+        ),
     ],
 )
 def test_unknown_config_group_option_is_one_line(overrides, message):

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, TINY, compose_config
 from hydra.core.hydra_config import HydraConfig
@@ -50,7 +51,13 @@ def job_metrics(sweep_dir: Path) -> dict[str, dict]:
 
 
 def batch_rows(loader) -> list[list[int]]:
-    return [list(rows) for rows in loader.sampler]
+    """The rows of every batch the loader's sampler yields (lists, tensors or slices)."""
+    rows = []
+    for batch in loader.sampler:
+        if isinstance(batch, slice):
+            batch = range(batch.start, batch.stop)
+        rows.append([int(row) for row in batch])
+    return rows
 
 
 def sharded(data_dir: Path, world_size: int, **hparams) -> list[ImageDataModule]:
@@ -58,7 +65,10 @@ def sharded(data_dir: Path, world_size: int, **hparams) -> list[ImageDataModule]
     modules = []
     for rank in range(world_size):
         datamodule = ImageDataModule(data_dir=str(data_dir), val_size=100, **hparams)
-        datamodule.trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
+        strategy = SimpleNamespace(root_device=torch.device("cpu"))
+        datamodule.trainer = SimpleNamespace(
+            world_size=world_size, global_rank=rank, strategy=strategy
+        )
         datamodule.setup()
         modules.append(datamodule)
     return modules

@@ -42,6 +42,8 @@ def pin_ranks_to_this_job(trainer: DictConfig) -> None:
     `hydra.run.dir=<run.dir>`. In a multirun that command line is the whole sweep and
     `run.dir` is not the job's directory, so both are narrowed to this job here.
     """
+    if not HydraConfig.initialized():
+        return  # called outside a Hydra app (the benchmark, a notebook): nothing to narrow
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN or not launches_ranks(trainer):
         return
