@@ -12,7 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT, compose_config, make_dataset, tiny_overrides
+from conftest import (
+    CONF_DIR,
+    ROOT,
+    compose_config,
+    make_dataset,
+    run_script,
+    tiny_overrides,
+)
 from omegaconf import OmegaConf
 
 from aelab.callbacks import BestCheckpoint
@@ -22,17 +29,6 @@ from aelab.config import validate_train_config
 from aelab.errors import CheckpointError, ConfigError, DataError, DivergedError
 from aelab.evaluation import evaluate
 from aelab.training import train
-
-
-def run_script(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kwargs,
-    )
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:

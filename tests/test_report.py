@@ -1,12 +1,10 @@
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY
+from conftest import TINY, run_script
 
 from aelab.baselines import PCA, LinearDenoiser
 from aelab.report import write_report
@@ -16,20 +14,13 @@ SWEEP_OVERRIDES = [*TINY, "trainer.max_epochs=1"]
 
 
 def sweep(data_dir, sweep_dir, *args):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            *SWEEP_OVERRIDES,
-            f"paths.data_dir={data_dir}",
-            f"hydra.sweep.dir={sweep_dir}",
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_script(
+        "train.py",
+        "-m",
+        *SWEEP_OVERRIDES,
+        f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *args,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir

@@ -1,9 +1,6 @@
 """Scaling out through Lightning's and Hydra's own engines: DDP, launchers, Optuna."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY, compose_config
+from conftest import TINY, compose_config, run_script
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -20,25 +17,6 @@ from aelab.data import ImageDataModule
 from aelab.errors import ConfigError
 from aelab.evaluation import evaluate
 from aelab.scale import pin_ranks_to_this_job
-
-
-def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run an entry point in a session of its own, so that a timeout ends its workers too."""
-    with subprocess.Popen(
-        [sys.executable, script, *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as process:
-        try:
-            # generous: a sweep starts several Python processes, slow on a busy machine
-            stdout, stderr = process.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def sweep_overrides(data_dir: Path, sweep_dir: Path) -> list[str]:
@@ -103,7 +81,7 @@ def test_data_module_refuses_a_rank_without_evaluation_batches(data_dir):
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_writes_one_run_directory(data_dir, tmp_path):
-    result = run_cli(
+    result = run_script(
         "train.py",
         *TINY,
         "trainer=ddp",
@@ -136,7 +114,7 @@ def test_ddp_on_two_cpu_processes_writes_one_run_directory(data_dir, tmp_path):
 @pytest.mark.slow
 def test_ddp_jobs_of_a_multirun_each_keep_their_ranks_in_their_directory(data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    result = run_script(
         "train.py",
         "-m",
         *sweep_overrides(data_dir, sweep),
@@ -156,7 +134,7 @@ def test_ddp_jobs_of_a_multirun_each_keep_their_ranks_in_their_directory(data_di
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
 def test_local_launcher_runs_a_two_job_sweep(launcher, data_dir, tmp_path):
-    result = run_cli(
+    result = run_script(
         "train.py",
         "-m",
         f"launcher={launcher}",
@@ -232,7 +210,7 @@ def test_slurm_launcher_renders_the_cluster_submission(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_optuna_search_reports_the_best_trial(data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    result = run_script(
         "train.py",
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=3",

@@ -1,24 +1,12 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, tiny_overrides
+from conftest import compose_config, run_script, tiny_overrides
 
 from aelab.evaluation import evaluate
 from aelab.training import train
-
-
-def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +77,7 @@ def test_regularizer_group_sets_the_model(train_config, regularizer, l1_weight, 
 
 def test_two_job_multirun_gives_two_run_directories(data_dir, tmp_path):
     overrides = [o for o in tiny_overrides(data_dir, tmp_path) if not o.startswith("hydra.")]
-    result = run_cli(
+    result = run_script(
         "train.py",
         "-m",
         *overrides,
@@ -107,7 +95,7 @@ def test_two_job_multirun_gives_two_run_directories(data_dir, tmp_path):
 
 def test_bad_data_path_gives_one_clear_line(tmp_path):
     empty = tmp_path / "nothing-here"
-    result = run_cli(
+    result = run_script(
         "train.py",
         f"paths.data_dir={empty}",
         "data.download=false",
