@@ -339,15 +339,16 @@ def test_killed_run_resumes_to_the_same_metrics(data_dir, tmp_path):
 
 def test_sweep_over_seeds_uses_each_seed_and_reports_the_failed_job(data_dir, tmp_path):
     overrides = [o for o in tiny_overrides(data_dir, tmp_path) if not o.startswith("hydra.")]
-    sweep = tmp_path / "sweep"
+    # the sweep directory as the default config names it, interpolated from paths.log_dir
     result = run_script(
         "train.py",
         "-m",
         *overrides,
         "trainer.max_epochs=1",
         "seed=0,1,0,-1",
-        f"hydra.sweep.dir={sweep}",
+        f"paths.log_dir={tmp_path / 'outputs'}",
     )
+    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
 
     # the failed job is named at the end, the others' results are intact
     assert result.returncode != 0

@@ -101,7 +101,9 @@ class SweepReport(Callback):
     """
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        hydra_cfg = job_return.hydra_cfg.hydra
+        # the job's whole config: `job_return.hydra_cfg` lacks the keys that the sweep
+        # directory interpolates (`paths.log_dir`)
+        hydra_cfg = config.hydra
         if hydra_cfg.mode != RunMode.MULTIRUN:
             return
         sweep_dir = Path(hydra_cfg.sweep.dir)
