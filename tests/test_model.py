@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from lightning import Trainer
+from lightning import Callback, Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError
@@ -33,6 +33,59 @@ def test_dropout_follows_hidden_activations_only():
     assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
     assert all(m.p == 0.3 for m in model.decoder if isinstance(m, nn.Dropout))
     assert not any(isinstance(m, nn.Dropout) for m in Autoencoder(depth=3).modules())
+
+
+def test_batch_norm_and_activation_follow_every_hidden_layer():
+    model = Autoencoder(depth=3, dropout=0.1, activation="gelu", batch_norm=True)
+    hidden = ["Linear", "BatchNorm1d", "GELU", "Dropout"]
+    assert [type(m).__name__ for m in model.encoder] == [*hidden, *hidden, "Linear"]
+    assert [type(m).__name__ for m in model.decoder] == [*hidden, *hidden, "Linear", "Sigmoid"]
+    norms = [m.num_features for m in model.encoder if isinstance(m, nn.BatchNorm1d)]
+    assert norms == [512, 256]
+
+
+class LearningRates(Callback):
+    """Records the learning rate of every training step."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def learning_rates(tmp_path, schedule: str, epochs: int = 4, batches: int = 10) -> list[float]:
+    model = Autoencoder(hidden_dims=[32, 16], code_dim=8, lr=0.01, lr_schedule=schedule)
+    recorder = LearningRates()
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[recorder],
+    )
+    data = DataLoader([torch.rand(5, 784) for _ in range(batches)], batch_size=None)
+    trainer.fit(model, train_dataloaders=data)
+    return recorder.rates
+
+
+def test_learning_rate_schedules_run_over_every_step_of_the_run(tmp_path):
+    constant = learning_rates(tmp_path, "constant")
+    assert constant == [0.01] * 40
+
+    cosine = learning_rates(tmp_path, "cosine")
+    assert len(cosine) == 40 and cosine[0] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False))
+    assert cosine[20] == pytest.approx(0.005, rel=0.01) and cosine[-1] < 1e-4
+
+    onecycle = learning_rates(tmp_path, "onecycle")
+    peak = max(range(40), key=onecycle.__getitem__)
+    assert onecycle[0] == pytest.approx(0.01 / 25)
+    assert onecycle[peak] == pytest.approx(0.01, rel=0.01) and 10 <= peak <= 13
+    assert onecycle[-1] < 0.01 / 100
 
 
 def test_l1_penalty_on_weights_is_the_weight_times_their_l1_norm():

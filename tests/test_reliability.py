@@ -58,6 +58,9 @@ def final_metrics(path: Path) -> dict:
         ("model.lr=0", "> 0"),
         ("model.lr=-0.001", "> 0"),
         ("seed=-1", "from 0 to 4294967295"),
+        ("model.activation=tanh", "use one of ['gelu', 'leaky_relu', 'relu', 'silu']"),
+        ("model.lr_schedule=step", "use one of ['constant', 'cosine', 'onecycle']"),
+        ("model.batch_norm=1", "use true or false"),
     ],
 )
 def test_bad_config_value_is_one_line_naming_key_value_and_range(train_config, override, allowed):

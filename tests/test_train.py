@@ -106,3 +106,27 @@ def test_bad_data_path_gives_one_clear_line(tmp_path):
     assert len(errors) == 1, result.stderr[-2000:]
     assert str(empty / "MNIST" / "raw") in errors[0] and "AELAB_DATA_DIR" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_recipe_knobs_train_and_evaluate_from_the_checkpoint(train_config, data_dir, tmp_path):
+    knobs = ["model.activation=silu", "model.batch_norm=true", "model.lr_schedule=onecycle"]
+    cfg = train_config(*knobs, output_dir=tmp_path / "run")
+    train(cfg)
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    checkpoint = torch.load(trained["best_checkpoint"], weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    assert (hparams["activation"], hparams["batch_norm"], hparams["lr_schedule"]) == (
+        "silu",
+        True,
+        "onecycle",
+    )
+
+    # the batch norm statistics travel in the checkpoint: evaluation gives the same numbers
+    overrides = [
+        f"ckpt_path={trained['best_checkpoint']}",
+        f"paths.data_dir={data_dir}",
+        "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu",
+    ]
+    evaluated = evaluate(compose_config("evaluate", overrides, tmp_path / "eval"))
+    assert evaluated["test/mse"] == pytest.approx(trained["test/mse"], rel=1e-6)

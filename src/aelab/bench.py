@@ -146,7 +146,10 @@ def run_plain(args, cfg: DictConfig, datamodule: ImageDataModule) -> list[float]
     """A bare loop: shuffled slices, MSE, backward, the model's own optimizer."""
     torch.manual_seed(0)
     model = instantiate(cfg.model, _convert_="all").to(args.device)
+    # the optimizer alone: a learning rate schedule needs a trainer to count its steps
     optimizer = model.configure_optimizers()
+    if isinstance(optimizer, dict):
+        optimizer = torch.optim.Adam(model.parameters(), lr=model.hparams.lr, fused=True)
     train_images = datamodule.train_images.to(args.device)
     val_images = datamodule.val_images.to(args.device)
     batch_size, eval_batch_size = cfg.data.batch_size, cfg.data.eval_batch_size

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 from aelab.data import DATASETS, NUM_PIXELS
 from aelab.errors import ConfigError
-from aelab.model import DEFAULT_HIDDEN_DIMS
+from aelab.model import ACTIVATIONS, DEFAULT_HIDDEN_DIMS, LR_SCHEDULES
 
 REGULARIZERS = ("none", "lasso", "dropout")
 L1_TARGETS = ("weights", "code")
@@ -61,6 +61,15 @@ def validate_train_config(cfg: DictConfig) -> None:
         model.l1_target in L1_TARGETS, "model.l1_target", model.l1_target, f"use {L1_TARGETS}"
     )
     _require(_is_number(model.lr) and model.lr > 0, "model.lr", model.lr, "use a number > 0")
+    for key, allowed in (("activation", sorted(ACTIVATIONS)), ("lr_schedule", LR_SCHEDULES)):
+        value = model[key]
+        _require(value in allowed, f"model.{key}", value, f"use one of {list(allowed)}")
+    _require(
+        isinstance(model.batch_norm, bool),
+        "model.batch_norm",
+        model.batch_norm,
+        "use true or false",
+    )
     for variance in model.test_variances:
         _require(
             _is_number(variance) and variance >= 0,

@@ -14,15 +14,28 @@ from aelab.data import NUM_PIXELS
 
 DEFAULT_HIDDEN_DIMS = {3: [512, 256], 5: [512, 384, 256, 128]}
 DEFAULT_TEST_VARIANCES = [0.1, 0.25, 0.5, 0.75, 1.0]
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
 
 
-def mlp(dims: list[int], dropout: float, output: nn.Module | None) -> nn.Sequential:
-    """Linear layers through `dims`, ReLU and dropout after each hidden one, `output` last."""
+def mlp(
+    dims: list[int],
+    dropout: float,
+    output: nn.Module | None,
+    activation: str = "relu",
+    batch_norm: bool = False,
+) -> nn.Sequential:
+    """Linear layers through `dims`, `output` last.
+
+    After each hidden layer: batch norm (if asked for), the activation, then dropout.
+    """
     layers: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(pairwise(dims)):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(dims) - 2:
-            layers.append(nn.ReLU())
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(ACTIVATIONS[activation]())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
     if output is not None:
@@ -107,6 +120,9 @@ class Autoencoder(LightningModule):
         test_variances: list[float] | None = None,
         noise_seed: int = 2024,
         compile: bool = False,
+        activation: str = "relu",
+        batch_norm: bool = False,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         hidden_dims = list(hidden_dims) if hidden_dims else DEFAULT_HIDDEN_DIMS[depth]
@@ -115,8 +131,8 @@ class Autoencoder(LightningModule):
         self.save_hyperparameters()
 
         dims = [NUM_PIXELS, *hidden_dims, code_dim]
-        self.encoder = mlp(dims, dropout, output=None)
-        self.decoder = mlp(dims[::-1], dropout, output=nn.Sigmoid())
+        self.encoder = mlp(dims, dropout, None, activation, batch_norm)
+        self.decoder = mlp(dims[::-1], dropout, nn.Sigmoid(), activation, batch_norm)
 
         # MSE and PSNR of the reconstruction in validation and test, one collection each
         for stage in ("val", "test"):
@@ -227,11 +243,32 @@ class Autoencoder(LightningModule):
             self.log(f"test/psnr_noisy_{name}", self.psnr_noisy[i], on_step=False, on_epoch=True)
             self.log(f"test/psnr_denoised_{name}", self.psnr_denoised[i], on_epoch=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self):
         # the fused kernel updates the weights in one pass instead of several per tensor;
         # Lightning cannot clip the gradients of a fused optimizer under mixed precision
         trainer = self._trainer
         clipped_mixed = (
             trainer is not None and trainer.gradient_clip_val and "mixed" in trainer.precision
         )
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=not clipped_mixed)
+        optimizer = torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, fused=not clipped_mixed
+        )
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self._lr_scheduler(optimizer), "interval": "step"},
+        }
+
+    def _lr_scheduler(self, optimizer: torch.optim.Optimizer):
+        """The learning rate over the whole run, stepped after every batch.
+
+        cosine: from `lr` down to zero; onecycle: up from lr / 25 to `lr` over the first
+        30% of the steps, then down to almost zero (Smith and Topin's one-cycle policy).
+        """
+        steps = self.trainer.estimated_stepping_batches
+        if self.hparams.lr_schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams.lr, total_steps=steps
+        )
