@@ -75,6 +75,17 @@ def test_regularizer_group_sets_the_model(train_config, regularizer, l1_weight, 
     assert train_config("regularizer=lasso", "model.l1_weight=1e-3").model.l1_weight == 1e-3
 
 
+@pytest.mark.parametrize("experiment", ["lasso_search", "denoise"])
+def test_study_sweeps_use_each_datasets_best_architecture(experiment, tmp_path):
+    def model(*overrides: str):
+        cfg = compose_config("train", [f"experiment={experiment}", *overrides], tmp_path)
+        return cfg.model.depth, cfg.model.code_dim
+
+    assert model("data=mnist") == (3, 50)
+    assert model("data=fmnist") == (3, 30)
+    assert model("data=fmnist", "model.code_dim=100") == (3, 100)
+
+
 def test_two_job_multirun_gives_two_run_directories(data_dir, tmp_path):
     overrides = [o for o in tiny_overrides(data_dir, tmp_path) if not o.startswith("hydra.")]
     result = run_script(
