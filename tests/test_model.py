@@ -54,10 +54,9 @@ class LearningRates(Callback):
         self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def learning_rates(tmp_path, schedule: str, epochs: int = 4, batches: int = 10) -> list[float]:
-    model = Autoencoder(hidden_dims=[32, 16], code_dim=8, lr=0.01, lr_schedule=schedule)
-    recorder = LearningRates()
-    trainer = Trainer(
+def bare_trainer(tmp_path, epochs: int, callbacks: list | None = None) -> Trainer:
+    """A CPU trainer without loggers, checkpoints or progress output."""
+    return Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         logger=False,
@@ -65,8 +64,14 @@ def learning_rates(tmp_path, schedule: str, epochs: int = 4, batches: int = 10) 
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[recorder],
+        callbacks=callbacks,
     )
+
+
+def learning_rates(tmp_path, schedule: str, epochs: int = 4, batches: int = 10) -> list[float]:
+    model = Autoencoder(hidden_dims=[32, 16], code_dim=8, lr=0.01, lr_schedule=schedule)
+    recorder = LearningRates()
+    trainer = bare_trainer(tmp_path, epochs, callbacks=[recorder])
     data = DataLoader([torch.rand(5, 784) for _ in range(batches)], batch_size=None)
     trainer.fit(model, train_dataloaders=data)
     return recorder.rates
@@ -134,15 +139,7 @@ def test_training_metrics_are_the_epoch_means_torchmetrics_and_lightning_give(tm
     # lr 0 keeps the weights fixed, so the reference can be computed after the epoch
     model = Autoencoder(hidden_dims=[32, 16], code_dim=8, l1_weight=1e-3, lr=0.0)
     batches = [torch.rand(20, 784), torch.rand(20, 784), torch.rand(7, 784)]
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = bare_trainer(tmp_path, epochs=1)
     trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
     logged = trainer.callback_metrics
 
