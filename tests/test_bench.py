@@ -1,4 +1,9 @@
-from aelab.bench import main
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from aelab.bench import main, training_flops_per_sample
+from aelab.model import Autoencoder
 
 
 def test_benchmark_times_all_three_pipelines_and_the_evaluation(data_dir, capsys):
@@ -21,5 +26,15 @@ def test_benchmark_times_all_three_pipelines_and_the_evaluation(data_dir, capsys
     assert "fp32 matmul peak" in out
     assert "depth 3: 104,960 linear weights, 300 samples per epoch" in out
     assert out.count("\n  1 ") == 1 and "\n  2 " not in out
-    for line in ("project / plain", "tutorial / project", "train GFLOP/s", "trainer.test"):
+    for line in ("project / plain", "median of the epochs' ratios", "tutorial / project"):
         assert line in out
+    for line in ("train GFLOP/s", "% of matmul peak", "trainer.test"):
+        assert line in out
+
+
+def test_training_flops_are_those_the_step_actually_runs():
+    model = Autoencoder(hidden_dims=[64, 32], code_dim=8)
+    x = torch.rand(16, 784)
+    with FlopCounterMode(display=False) as counter:
+        F.mse_loss(model(x), x).backward()
+    assert training_flops_per_sample(model) * len(x) == counter.get_total_flops()

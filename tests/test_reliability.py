@@ -22,7 +22,7 @@ from conftest import (
 )
 from omegaconf import OmegaConf
 
-from aelab.callbacks import BestCheckpoint
+from aelab.callbacks import BestCheckpoint, StopOnNonFiniteLoss
 from aelab.checkpoint import AtomicCheckpointIO
 from aelab.cli import check_group_choices
 from aelab.config import validate_train_config
@@ -252,7 +252,12 @@ def test_resumed_run_keeps_the_interrupted_runs_best_checkpoint(tmp_path):
     assert removed == [str(new_dir / "best-epoch05.ckpt")]
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_config, tmp_path):
+@pytest.mark.parametrize("every_step", [True, False], ids=["every-step", "end-of-epoch"])
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    train_config, tmp_path, monkeypatch, every_step
+):
+    # end-of-epoch: how the losses are read on a GPU, without a host sync per step
+    monkeypatch.setattr(StopOnNonFiniteLoss.__init__, "__defaults__", (every_step,))
     cfg = train_config(
         "+callbacks.poison._target_=conftest.PoisonWeights",
         "+callbacks.poison.epoch=1",

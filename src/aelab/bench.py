@@ -10,7 +10,9 @@ ratios between the three ways of training matter, not the load of the machine:
   checkpoints, image grids, progress bar with its output discarded), then its test;
 - plain: a bare PyTorch loop over the same in-memory tensors (shuffled slices of 128,
   MSE, the model's own optimizer), plus one forward pass over the validation images
-  per epoch, as the project's epoch also validates;
+  per epoch, as the project's epoch also validates. Its epochs run between the
+  project's, each just before the project's epoch of the same number, so that a change
+  in the machine's load falls on both;
 - tutorial: torchvision's dataset with `ToTensor()` behind a shuffling `DataLoader`, the
   images flattened in the step, in Lightning without loggers, checkpoints, progress
   bar or validation.
@@ -83,11 +85,26 @@ def linear_weights(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def training_flops_per_sample(model: nn.Module) -> int:
+    """Multiply-adds x 2 of one training step, per sample, in the linear layers.
+
+    Forward, the weights' gradients and the inputs' gradients each cost 2 FLOPs per
+    weight, except that no gradient is computed for the images fed to the first layer.
+    """
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    return 6 * linear_weights(model) - 2 * first.weight.numel()
+
+
 class EpochClock(L.Callback):
-    """Time of each training epoch of a Lightning run, validation included."""
+    """Time of each training epoch of a Lightning run, validation included.
+
+    `between_epochs`, if set, runs before each epoch's clock starts: the plain loop's
+    epoch of the same number.
+    """
 
     # the clock of the latest run, also when Hydra built it from the config
     latest: EpochClock | None = None
+    between_epochs: Callable[[], object] | None = None
 
     def __init__(self, clock: str = "wall") -> None:
         self.now = CLOCKS[clock]
@@ -95,6 +112,8 @@ class EpochClock(L.Callback):
         EpochClock.latest = self
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.between_epochs is not None:
+            self.between_epochs()
         synchronize(pl_module.device)
         self._start = self.now()
 
@@ -142,43 +161,49 @@ def run_project(cfg: DictConfig) -> tuple[list[float], Path]:
 # the floor: plain PyTorch over the same tensors
 
 
-def run_plain(args, cfg: DictConfig, datamodule: ImageDataModule) -> list[float]:
+class PlainLoop:
     """A bare loop: shuffled slices, MSE, backward, the model's own optimizer."""
-    torch.manual_seed(0)
-    model = instantiate(cfg.model, _convert_="all").to(args.device)
-    # the optimizer alone: a learning rate schedule needs a trainer to count its steps
-    optimizer = model.configure_optimizers()
-    if isinstance(optimizer, dict):
-        optimizer = torch.optim.Adam(model.parameters(), lr=model.hparams.lr, fused=True)
-    train_images = datamodule.train_images.to(args.device)
-    val_images = datamodule.val_images.to(args.device)
-    batch_size, eval_batch_size = cfg.data.batch_size, cfg.data.eval_batch_size
-    now = CLOCKS[args.clock]
-    times = []
-    for _ in range(args.epochs):
-        synchronize(args.device)
-        start = now()
+
+    def __init__(self, args, cfg: DictConfig, datamodule: ImageDataModule) -> None:
+        self.args = args
+        torch.manual_seed(0)
+        self.model = instantiate(cfg.model, _convert_="all").to(args.device)
+        # the optimizer alone: a learning rate schedule needs a trainer to count its steps
+        optimizer = self.model.configure_optimizers()
+        if isinstance(optimizer, dict):
+            optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.model.lr, fused=True)
+        self.optimizer = optimizer
+        self.train_images = datamodule.train_images.to(args.device)
+        self.val_images = datamodule.val_images.to(args.device)
+        self.batch_size, self.eval_batch_size = cfg.data.batch_size, cfg.data.eval_batch_size
+        self.now = CLOCKS[args.clock]
+        self.times: list[float] = []
+
+    def epoch(self) -> None:
+        """One epoch of training and validation, its time appended to `times`."""
+        model, images, device = self.model, self.train_images, self.args.device
+        synchronize(device)
+        start = self.now()
 
         model.train()
-        order = torch.randperm(len(train_images), device=args.device)
-        for step, rows in enumerate(order.split(batch_size)):
-            if args.limit_batches and step >= args.limit_batches:
+        order = torch.randperm(len(images), device=device)
+        for step, rows in enumerate(order.split(self.batch_size)):
+            if self.args.limit_batches and step >= self.args.limit_batches:
                 break
-            x = train_images[rows]
+            x = images[rows]
             loss = F.mse_loss(model(x), x)
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
 
         # the project's epoch validates too
         model.eval()
         with torch.inference_mode():
-            for x in val_images.split(eval_batch_size):
+            for x in self.val_images.split(self.eval_batch_size):
                 F.mse_loss(model(x), x)
 
-        synchronize(args.device)
-        times.append(now() - start)
-    return times
+        synchronize(device)
+        self.times.append(self.now() - start)
 
 
 # the tutorial: torchvision dataset, ToTensor, DataLoader, flatten in the step
@@ -266,7 +291,8 @@ def row(label: str, values: list[str]) -> str:
     return f"{label:<24}" + "".join(f"{v:>11}" for v in values)
 
 
-def report_depth(depth: int, times: dict[str, list[float]], samples: int, weights: int, peak):
+def report_depth(depth: int, times: dict[str, list[float]], samples: int, model: nn.Module, peak):
+    weights = linear_weights(model)
     print(f"\ndepth {depth}: {weights:,} linear weights, {samples:,} samples per epoch")
     names = list(times)
     print(row("epoch (s)", names))
@@ -277,10 +303,15 @@ def report_depth(depth: int, times: dict[str, list[float]], samples: int, weight
     print(row("mean (s)", [f"{means[n]:.3f}" for n in names]))
     print(row("slowest / first", [f"{max(t) / t[0]:.2f}" for t in times.values()]))
     print(row("samples/s", [f"{samples / means[n]:,.0f}" for n in names]))
-    flops = {n: 6 * weights * samples / means[n] for n in names}
+    flops = {n: training_flops_per_sample(model) * samples / means[n] for n in names}
     print(row("train GFLOP/s", [f"{flops[n] / 1e9:.1f}" for n in names]))
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (the best measured so far)")
     print(row("% of matmul peak", [f"{100 * flops[n] / peak:.0f}%" for n in names]))
-    print(f"project / plain    = {means['project'] / means['plain']:.2f}")
+    by_epoch = [p / q for p, q in zip(times["project"], times["plain"], strict=True)]
+    print(
+        f"project / plain    = {means['project'] / means['plain']:.2f} "
+        f"(median of the epochs' ratios {statistics.median(by_epoch):.2f})"
+    )
     print(f"tutorial / project = {means['tutorial'] / means['project']:.2f}")
 
 
@@ -339,11 +370,17 @@ def main(argv: list[str] | None = None) -> None:
     for depth in args.depths:
         with tempfile.TemporaryDirectory(prefix="aelab-bench-") as tmp:
             cfg = project_config(args, depth, Path(tmp))
-            times = {"plain": run_plain(args, cfg, datamodule)}
-            times["project"], best = run_project(cfg)
+            plain = PlainLoop(args, cfg, datamodule)
+            EpochClock.between_epochs = plain.epoch
+            try:
+                project, best = run_project(cfg)
+            finally:
+                EpochClock.between_epochs = None
+            times = {"plain": plain.times, "project": project}
             times["tutorial"] = run_tutorial(args, cfg)
-            weights = linear_weights(instantiate(cfg.model, _convert_="all"))
-            report_depth(depth, times, samples, weights, peak)
+            # measured again after the runs: the machine's load varies, the peak does not
+            peak = max(peak, matmul_peak(args.device, CLOCKS[args.clock]))
+            report_depth(depth, times, samples, plain.model, peak)
 
             seconds = time_evaluation(args, cfg, best, datamodule)
             print(

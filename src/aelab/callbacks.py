@@ -97,30 +97,60 @@ class StopOnNonFiniteLoss(Callback):
     """Stops the run with a DivergedError when the loss becomes NaN or infinite.
 
     Raising before any later checkpoint is written keeps `last.ckpt` and the best
-    checkpoint as they were after the last good epoch.
+    checkpoint as they were after the last good epoch. On the CPU each step's loss is read
+    right away, which costs nothing there; on a GPU reading it would make the host wait for
+    the device at every step, so the epoch's losses are read together after its last batch
+    (before validation and the epoch's checkpoints), and the error names the first bad step.
     """
+
+    def __init__(self, every_step: bool | None = None) -> None:
+        # None: every step on the CPU, once per epoch elsewhere
+        self.every_step = every_step
+        self._losses: list[torch.Tensor] = []
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        # Limitation: one device-to-host copy per step on a GPU, small next to the step.
-        if loss is not None and not torch.isfinite(loss).item():
-            self._stop(trainer, pl_module, "training loss", float(loss))
+        if loss is None:
+            return
+        every_step = self.every_step
+        if every_step is None:
+            every_step = pl_module.device.type == "cpu"
+        if every_step:
+            if not math.isfinite(value := float(loss)):
+                self._stop(trainer, pl_module, "training loss", value, trainer.global_step)
+            return
+        self._losses.append(loss.detach())
+        if trainer.is_last_batch:
+            self._check_losses(trainer, pl_module)
+
+    def _check_losses(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        losses = torch.stack(self._losses)
+        self._losses = []
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            return
+        first = int((~finite).nonzero()[0])
+        # the global step counts the steps done, the last of them this batch's
+        step = trainer.global_step - (len(losses) - 1 - first)
+        self._stop(trainer, pl_module, "training loss", float(losses[first]), step)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         loss = trainer.callback_metrics.get("val/loss")
         if not trainer.sanity_checking and loss is not None and not math.isfinite(float(loss)):
-            self._stop(trainer, pl_module, "validation loss", float(loss))
+            self._stop(trainer, pl_module, "validation loss", float(loss), trainer.global_step)
 
     @staticmethod
-    def _stop(trainer: Trainer, pl_module: LightningModule, what: str, value: float) -> None:
+    def _stop(
+        trainer: Trainer, pl_module: LightningModule, what: str, value: float, step: int
+    ) -> None:
         saved = [c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path]
         last = saved[0] if saved else trainer.ckpt_path
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise DivergedError(
-            f"{what} became {value} at epoch {trainer.current_epoch}, step "
-            f"{trainer.global_step}; training stopped and {kept}; try a lower model.lr "
+            f"{what} became {value} at epoch {trainer.current_epoch}, step {step}; "
+            f"training stopped and {kept}; try a lower model.lr "
             f"(now {pl_module.hparams.lr:g})"
         )
 

@@ -138,10 +138,9 @@ class Autoencoder(LightningModule):
         for stage in ("val", "test"):
             metrics = MetricCollection({"mse": MeanSquaredError(), "psnr": psnr_metric()})
             setattr(self, f"{stage}_metrics", metrics.clone(prefix=f"{stage}/"))
-        # the training metrics are running sums: loss, l1, squared error and PSNR per image,
-        # each summed over the images of the epoch (not saved in checkpoints)
-        self.register_buffer("train_sums", torch.zeros(4, dtype=torch.float64), persistent=False)
-        self.train_images_seen = 0
+        # the training metrics of the epoch so far: each step's loss and penalty, and each
+        # image's summed squared error, reduced once at the end of the epoch
+        self.train_steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.psnr_noisy = nn.ModuleList(psnr_metric() for _ in test_variances)
         self.psnr_denoised = nn.ModuleList(psnr_metric() for _ in test_variances)
 
@@ -196,32 +195,31 @@ class Autoencoder(LightningModule):
 
     @torch.no_grad()
     def _accumulate_train_metrics(self, x, recon, loss, penalty) -> None:
-        # running sums instead of per-step logging and torchmetrics updates: a handful of
-        # small tensor ops per step, no host sync, one log call per epoch
-        squared_errors = (recon.detach().float() - x).square().sum(dim=1)
-        # image_psnr, from the squared errors the mse needs anyway
-        psnr = -10.0 * torch.log10(squared_errors / x.shape[1])
-        images = x.shape[0]
-        self.train_images_seen += images
-        loss, penalty = loss.detach() * images, penalty.detach() * images
-        self.train_sums += torch.stack([loss, penalty, squared_errors.sum(), psnr.sum()])
+        # three kernels and no host sync per step; the rest waits for the end of the epoch
+        squared_errors = (recon.detach().float() - x).square_().sum(dim=1)
+        self.train_steps.append((loss.detach(), penalty.detach(), squared_errors))
 
     def on_train_epoch_end(self) -> None:
-        images = self.train_images_seen
-        if images == 0:
+        if not self.train_steps:
             return
-        loss, penalty = self.train_sums[:2] / images
+        losses, penalties, squared_errors = zip(*self.train_steps, strict=True)
+        self.train_steps = []
+        sizes = torch.tensor([len(e) for e in squared_errors], device=losses[0].device)
+        squared_errors = torch.cat(squared_errors).double()
+        images = squared_errors.new_tensor(len(squared_errors))
         # loss and l1 are per-process means weighted by batch size, as Lightning's epoch
         # logging computes them; mse and psnr are over the images of all processes, as
         # torchmetrics syncs them
-        counted = torch.cat([self.train_sums[2:], self.train_sums.new_tensor([images])])
-        squared_errors, psnr, images = self.trainer.strategy.reduce(counted, reduce_op="sum")
+        loss = (torch.stack(losses).double() * sizes).sum() / images
+        penalty = (torch.stack(penalties).double() * sizes).sum() / images
+        # image_psnr, from the squared errors
+        psnr = -10.0 * torch.log10(squared_errors / NUM_PIXELS)
+        sums = torch.stack([squared_errors.sum(), psnr.sum(), images])
+        squared_errors, psnr, images = self.trainer.strategy.reduce(sums, reduce_op="sum")
         self.log("train/loss", loss.float())
         self.log("train/l1", penalty.float())
         self.log("train/mse", (squared_errors / (images * NUM_PIXELS)).float())
         self.log("train/psnr", (psnr / images).float())
-        self.train_sums.zero_()
-        self.train_images_seen = 0
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
         noise = None
