@@ -56,10 +56,14 @@ def seeded_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
-def image_psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR of each image against its target, with a peak of 1.0: 10 log10(1 / mse)."""
-    mse = (recon - target).square().mean(dim=1)
+def psnr_of_mse(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR for a mean squared error, with a peak of 1.0: 10 log10(1 / mse)."""
     return -10.0 * torch.log10(mse)
+
+
+def image_psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR of each image against its target, with a peak of 1.0."""
+    return psnr_of_mse((recon - target).square().mean(dim=1))
 
 
 class MeanImagePSNR(Metric):
@@ -212,8 +216,7 @@ class Autoencoder(LightningModule):
         # torchmetrics syncs them
         loss = (torch.stack(losses).double() * sizes).sum() / images
         penalty = (torch.stack(penalties).double() * sizes).sum() / images
-        # image_psnr, from the squared errors
-        psnr = -10.0 * torch.log10(squared_errors / NUM_PIXELS)
+        psnr = psnr_of_mse(squared_errors / NUM_PIXELS)
         sums = torch.stack([squared_errors.sum(), psnr.sum(), images])
         squared_errors, psnr, images = self.trainer.strategy.reduce(sums, reduce_op="sum")
         self.log("train/loss", loss.float())
