@@ -123,3 +123,48 @@ def test_linear_denoiser_matches_least_squares_regression():
     direct = np.clip(design @ coef, 0, 1)
     ours = LinearDenoiser.fit(clean, noisy, ridge=0.0)(noisy)
     np.testing.assert_allclose(ours.numpy(), direct, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def recipe_sweeps(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    mnist = ["data=mnist", "model.code_dim=4,8"]
+    return [
+        sweep(data_dir, root / "seed", "experiment=seed", *mnist),
+        sweep(data_dir, root / "best", "experiment=best", *mnist),
+        sweep(
+            data_dir,
+            root / "best_denoise",
+            "experiment=best_denoise",
+            "data=mnist",
+            "model.noise_variance=0.1,1.0",
+        ),
+        sweep(data_dir, root / "best_ablation", "experiment=best_ablation", "ablation=none,relu"),
+    ]
+
+
+def test_report_sets_the_recipes_against_pca_hinton_and_the_linear_denoiser(
+    recipe_sweeps, data_dir, tmp_path
+):
+    text = write_report(recipe_sweeps, tmp_path / "report", str(data_dir)).read_text()
+    results = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert sorted(results["sweep"].unique()) == ["best", "best_ablation", "best_denoise", "seed"]
+
+    # the recipe runs are not mistaken for the study's grid or denoising sweep
+    assert "## Full grid" not in text and "AE trained at variance" not in text
+    assert "## Recipes against the classical baselines" in text
+    for heading in ("Reconstruction: test MSE against PCA", "Denoising: test PSNR", "Ablation"):
+        assert f"### {heading}" in text
+
+    # one row per code size with both recipes and PCA's MSE at that size
+    best = results[results["sweep"] == "best"].set_index("code_dim")["test/mse"]
+    seed = results[results["sweep"] == "seed"].set_index("code_dim")["test/mse"]
+    for code in (4, 8):
+        row = next(line for line in text.splitlines() if line.startswith(f"| mnist | {code} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2]) == pytest.approx(seed[code], rel=1e-3)
+        assert float(cells[3]) == pytest.approx(best[code], rel=1e-3)
+        assert float(cells[4]) == pytest.approx(784 * best[code], rel=1e-3)
+        assert float(cells[6]) == pytest.approx(best[code] / float(cells[5]), rel=2e-3)
+    # the ablation's rows name what was taken out, against the full recipe
+    assert "| none | mnist | 8 | " in text and "| relu | mnist | 8 | " in text

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 # config keys copied into every row, under the names used in the README
 CONFIG_COLUMNS = {
     "task_name": "sweep",
+    "recipe": "recipe",
+    "ablation": "ablation",
     "data.name": "dataset",
     "regularizer": "regularizer",
     "model.depth": "depth",
