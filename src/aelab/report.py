@@ -416,7 +416,7 @@ def recipe_sections(study: StudyData, recipe: pd.DataFrame, datasets: list[str])
     ]
     reconstruction = pd.concat([by_sweep["seed"], by_sweep["best"]])
     if not reconstruction.empty:
-        md += reconstruction_section(study, reconstruction, by_sweep["best"], datasets)
+        md += reconstruction_section(study, reconstruction, datasets)
     if not by_sweep["best_denoise"].empty:
         md += recipe_denoising_section(study, by_sweep["best_denoise"], datasets)
     if not by_sweep["best_ablation"].empty:
@@ -424,7 +424,7 @@ def recipe_sections(study: StudyData, recipe: pd.DataFrame, datasets: list[str])
     return md
 
 
-def reconstruction_section(study, runs, best, datasets) -> list[str]:
+def reconstruction_section(study, runs, datasets) -> list[str]:
     """Test MSE of both recipes at each code size, against PCA and Hinton's autoencoder."""
     rows = []
     for dataset in datasets:
