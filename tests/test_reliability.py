@@ -79,9 +79,11 @@ def test_bad_config_value_is_one_line_naming_key_value_and_range(train_config, o
         (["data=bogus"], "data='bogus' is not allowed: use one of ['fmnist', 'mnist']"),
         (["regularizer=l2"], "regularizer='l2' is not allowed: use one of ['dropout', 'lasso'"),
         (["model.depth=5", "data=mnist,svhn"], "data='svhn' is not allowed"),
+        (["recipe=fast"], "recipe='fast' is not allowed: use one of ['best', 'seed']"),
         (
             ["experiment=gird"],
-            "experiment='gird' is not allowed: use one of ['denoise', 'grid', 'lasso_search']",
+            "experiment='gird' is not allowed: use one of ['best', 'best_ablation', "
+            "'best_denoise', 'denoise', 'grid', 'lasso_search', 'seed']",
         ),
     ],
 )
