@@ -26,7 +26,7 @@ from aelab.callbacks import image_rows  # noqa: E402
 from aelab.data import IMAGE_SIDE, NUM_PIXELS, ImageDataModule  # noqa: E402
 from aelab.errors import UserError  # noqa: E402
 from aelab.evaluation import DATAMODULE_KEY, model_from_checkpoint, read_checkpoint  # noqa: E402
-from aelab.model import corrupt, variance_name  # noqa: E402
+from aelab.model import DEFAULT_HIDDEN_DIMS, corrupt, variance_name  # noqa: E402
 from aelab.results import collect, loss_history  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,9 @@ def chosen(runs: pd.DataFrame) -> pd.Series | None:
 
 
 def describe_recipe(run) -> str:
-    hidden = run["hidden_dims"] if isinstance(run["hidden_dims"], str) else "the default"
+    hidden = run["hidden_dims"]
+    if not isinstance(hidden, str):
+        hidden = "-".join(map(str, DEFAULT_HIDDEN_DIMS[int(run["depth"])]))
     if run["lr_schedule"] == "constant":
         lr = f"a constant learning rate of {run['lr']:g}"
     else:
