@@ -203,16 +203,19 @@ def variance_columns(runs: pd.DataFrame, kind: str) -> dict[float, str]:
     return {float(c[len(prefix) :]): c for c in columns}
 
 
+def denoising_baselines(study: StudyData, dataset: str, runs: pd.DataFrame, variances):
+    """PSNR of the noisy input and the linear denoiser by variance, on the noise `runs` saw."""
+    hparams = read_checkpoint(runs.iloc[0]["best_checkpoint"])["hyper_parameters"]
+    return study.denoising(dataset, variances, int(hparams["noise_seed"])).set_index("variance")
+
+
 def denoising_table(study: StudyData, denoise: pd.DataFrame, dataset: str, best: pd.DataFrame):
     """PSNR per test variance of the noisy input, the linear denoiser and each model."""
     runs = denoise[denoise["dataset"] == dataset].sort_values("noise_variance")
     reference = runs if not runs.empty else best[best["dataset"] == dataset]
     columns = variance_columns(reference, "denoised")
     variances = sorted(columns)
-    noise_seed = int(
-        read_checkpoint(reference.iloc[0]["best_checkpoint"])["hyper_parameters"]["noise_seed"]
-    )
-    baselines = study.denoising(dataset, variances, noise_seed).set_index("variance")
+    baselines = denoising_baselines(study, dataset, reference, variances)
 
     rows = {
         "noisy input": baselines["psnr_noisy"],
@@ -460,8 +463,9 @@ def reconstruction_section(study, runs, datasets) -> list[str]:
         "### Reconstruction: test MSE against PCA",
         "",
         "PCA keeps as many components as the code has dimensions and is fitted on the same "
-        "training images. Hinton & Salakhutdinov (2006) report 3.00 summed squared error per "
-        "MNIST test image for their pretrained 784-1000-500-250-30 autoencoder.",
+        f"training images. Hinton & Salakhutdinov (2006) report {HINTON_SQUARED_ERROR:.2f} "
+        "summed squared error per MNIST test image for their pretrained "
+        f"784-1000-500-250-{HINTON_MNIST_CODE} autoencoder.",
         "",
         markdown_table(pd.DataFrame(rows)),
         "",
@@ -479,13 +483,11 @@ def recipe_denoising_section(study, denoise, datasets) -> list[str]:
         "",
     ]
     for dataset in datasets:
-        runs = denoise[denoise["dataset"] == dataset].sort_values("noise_variance")
+        runs = denoise[denoise["dataset"] == dataset]
         if runs.empty:
             continue
         columns = variance_columns(runs, "denoised")
-        hparams = read_checkpoint(runs.iloc[0]["best_checkpoint"])["hyper_parameters"]
-        baselines = study.denoising(dataset, sorted(columns), int(hparams["noise_seed"]))
-        baselines = baselines.set_index("variance")
+        baselines = denoising_baselines(study, dataset, runs, sorted(columns))
         rows = []
         for variance, at_variance in runs.groupby("noise_variance"):
             ours = chosen(at_variance)
