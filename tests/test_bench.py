@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -6,10 +7,12 @@ from aelab.bench import main, training_flops_per_sample
 from aelab.model import Autoencoder
 
 
-def test_benchmark_times_all_three_pipelines_and_the_evaluation(data_dir, capsys):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_benchmark_times_all_three_pipelines_and_the_evaluation(data_dir, capsys, precision):
     main(
         [
             f"--data-dir={data_dir}",
+            f"--precision={precision}",
             "--epochs=1",
             "--depths",
             "3",
@@ -23,7 +26,8 @@ def test_benchmark_times_all_three_pipelines_and_the_evaluation(data_dir, capsys
     )
     out = capsys.readouterr().out
 
-    assert "fp32 matmul peak" in out
+    peak = {"32-true": "fp32", "bf16-mixed": "bf16"}[precision]
+    assert f"precision {precision}:" in out and f"{peak} matmul peak" in out
     assert "depth 3: 104,960 linear weights, 300 samples per epoch" in out
     assert out.count("\n  1 ") == 1 and "\n  2 " not in out
     for line in ("project / plain", "median of the epochs' ratios", "tutorial / project"):

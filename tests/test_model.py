@@ -93,6 +93,21 @@ def test_learning_rate_schedules_run_over_every_step_of_the_run(tmp_path):
     assert onecycle[-1] < 0.01 / 100
 
 
+def test_weight_decay_is_decoupled_and_absent_by_default():
+    assert type(Autoencoder().configure_optimizers()) is torch.optim.Adam
+
+    model = Autoencoder(hidden_dims=[16, 8], code_dim=4, lr=0.1, weight_decay=0.5)
+    optimizer = model.configure_optimizers()
+    assert type(optimizer) is torch.optim.AdamW
+    # with no gradient, a step only shrinks every weight by lr x weight_decay
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for old, new in zip(before, model.parameters(), strict=True):
+        torch.testing.assert_close(new.detach(), old * (1 - 0.1 * 0.5))
+
+
 def test_l1_penalty_on_weights_is_the_weight_times_their_l1_norm():
     model = Autoencoder(depth=3, code_dim=30, l1_weight=1e-5)
     by_hand = sum(m.weight.abs().sum() for m in model.encoder if isinstance(m, nn.Linear))

@@ -53,6 +53,7 @@ def final_metrics(path: Path) -> dict:
         ("model.dropout=-0.1", "[0, 1)"),
         ("model.l1_weight=-1e-5", ">= 0"),
         ("model.noise_variance=-0.5", ">= 0"),
+        ("model.weight_decay=-0.01", ">= 0"),
         ("data.batch_size=0", "> 0"),
         ("trainer.max_epochs=0", "> 0"),
         ("model.lr=0", "> 0"),

@@ -19,7 +19,9 @@ ratios between the three ways of training matter, not the load of the machine:
 
 It prints seconds per epoch, samples per second, the ratios project/plain and
 tutorial/project, the training FLOP/s against this machine's measured matmul peak, and
-the time to evaluate a model on the test set at every noise variance.
+the time to evaluate a model on the test set at every noise variance. With
+`--precision bf16-mixed` all three train under bfloat16 autocast (Lightning's mixed
+precision, the plain loop's own autocast) and the FLOP/s are set against the bf16 peak.
 """
 
 from __future__ import annotations
@@ -65,11 +67,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, now: Callable[[], float], repeats: int = 5) -> float:
-    """FLOP/s of the best of a few large fp32 matrix products on `device`."""
+# the matrix products' number type under each trainer precision the benchmark offers
+PRECISIONS = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def matmul_peak(
+    device: torch.device, now: Callable[[], float], dtype: torch.dtype, repeats: int = 5
+) -> float:
+    """FLOP/s of the best of a few large matrix products of `dtype` on `device`."""
     n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = math.inf
     for _ in range(repeats):
@@ -79,6 +87,11 @@ def matmul_peak(device: torch.device, now: Callable[[], float], repeats: int = 5
         synchronize(device)
         best = min(best, now() - start)
     return 2 * n**3 / best
+
+
+def peak_name(dtype: torch.dtype) -> str:
+    """fp32, bf16, fp16."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def linear_weights(model: nn.Module) -> int:
@@ -137,6 +150,7 @@ def project_config(args, depth: int, output_dir: Path) -> DictConfig:
         f"model.code_dim={args.code_dim}",
         f"trainer.max_epochs={args.epochs}",
         f"trainer.accelerator={'gpu' if args.device.type == 'cuda' else 'cpu'}",
+        f"trainer.precision={args.precision}",
         # the class of this very module, also when it runs as __main__
         f"+callbacks.epoch_clock._target_={EpochClock.__module__}.EpochClock",
         f"+callbacks.epoch_clock.clock={args.clock}",
@@ -162,7 +176,10 @@ def run_project(cfg: DictConfig) -> tuple[list[float], Path]:
 
 
 class PlainLoop:
-    """A bare loop: shuffled slices, MSE, backward, the model's own optimizer."""
+    """A bare loop: shuffled slices, MSE, backward, the model's own optimizer.
+
+    Under a mixed precision the forward pass runs in autocast, as Lightning runs it.
+    """
 
     def __init__(self, args, cfg: DictConfig, datamodule: ImageDataModule) -> None:
         self.args = args
@@ -178,6 +195,10 @@ class PlainLoop:
         self.batch_size, self.eval_batch_size = cfg.data.batch_size, cfg.data.eval_batch_size
         self.now = CLOCKS[args.clock]
         self.times: list[float] = []
+        dtype = PRECISIONS[args.precision]
+        self.autocast = torch.autocast(
+            args.device.type, dtype=dtype, enabled=dtype is not torch.float32
+        )
 
     def epoch(self) -> None:
         """One epoch of training and validation, its time appended to `times`."""
@@ -191,14 +212,15 @@ class PlainLoop:
             if self.args.limit_batches and step >= self.args.limit_batches:
                 break
             x = images[rows]
-            loss = F.mse_loss(model(x), x)
+            with self.autocast:
+                loss = F.mse_loss(model(x), x)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
 
         # the project's epoch validates too
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast:
             for x in self.val_images.split(self.eval_batch_size):
                 F.mse_loss(model(x), x)
 
@@ -235,6 +257,7 @@ def run_tutorial(args, cfg: DictConfig) -> list[float]:
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
+        precision=cfg.trainer.precision,
         max_epochs=args.epochs,
         limit_train_batches=args.limit_batches or None,
         logger=False,
@@ -265,6 +288,7 @@ def time_evaluation(args, cfg, checkpoint: Path, datamodule: ImageDataModule) ->
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
+        precision=cfg.trainer.precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -291,7 +315,14 @@ def row(label: str, values: list[str]) -> str:
     return f"{label:<24}" + "".join(f"{v:>11}" for v in values)
 
 
-def report_depth(depth: int, times: dict[str, list[float]], samples: int, model: nn.Module, peak):
+def report_depth(
+    depth: int,
+    times: dict[str, list[float]],
+    samples: int,
+    model: nn.Module,
+    peak: float,
+    dtype: torch.dtype,
+):
     weights = linear_weights(model)
     print(f"\ndepth {depth}: {weights:,} linear weights, {samples:,} samples per epoch")
     names = list(times)
@@ -305,7 +336,7 @@ def report_depth(depth: int, times: dict[str, list[float]], samples: int, model:
     print(row("samples/s", [f"{samples / means[n]:,.0f}" for n in names]))
     flops = {n: training_flops_per_sample(model) * samples / means[n] for n in names}
     print(row("train GFLOP/s", [f"{flops[n] / 1e9:.1f}" for n in names]))
-    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (the best measured so far)")
+    print(f"{peak_name(dtype)} matmul peak {peak / 1e9:.1f} GFLOP/s (the best measured so far)")
     print(row("% of matmul peak", [f"{100 * flops[n] / peak:.0f}%" for n in names]))
     by_epoch = [p / q for p, q in zip(times["project"], times["plain"], strict=True)]
     print(
@@ -329,6 +360,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's own")
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        choices=list(PRECISIONS),
+        help="trainer precision of all three; the FLOP/s are set against this type's peak",
+    )
     parser.add_argument(
         "--override",
         nargs="*",
@@ -358,11 +395,12 @@ def main(argv: list[str] | None = None) -> None:
         batches = min(batches, args.limit_batches)
     samples = min(batches * cfg.data.batch_size, len(datamodule.train_images))
 
-    peak = matmul_peak(args.device, CLOCKS[args.clock])
+    dtype = PRECISIONS[args.precision]
+    peak = matmul_peak(args.device, CLOCKS[args.clock], dtype)
     print(
-        f"{args.dataset} on {args.device}, {torch.get_num_threads()} threads, {args.clock} clock: "
-        f"{args.epochs} epochs of {batches} batches of {cfg.data.batch_size}; "
-        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+        f"{args.dataset} on {args.device}, {torch.get_num_threads()} threads, {args.clock} clock, "
+        f"precision {args.precision}: {args.epochs} epochs of {batches} batches of "
+        f"{cfg.data.batch_size}; {peak_name(dtype)} matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
     if args.override:
         print("project overrides: " + " ".join(args.override))
@@ -379,8 +417,8 @@ def main(argv: list[str] | None = None) -> None:
             times = {"plain": plain.times, "project": project}
             times["tutorial"] = run_tutorial(args, cfg)
             # measured again after the runs: the machine's load varies, the peak does not
-            peak = max(peak, matmul_peak(args.device, CLOCKS[args.clock]))
-            report_depth(depth, times, samples, plain.model, peak)
+            peak = max(peak, matmul_peak(args.device, CLOCKS[args.clock], dtype))
+            report_depth(depth, times, samples, plain.model, peak, dtype)
 
             seconds = time_evaluation(args, cfg, best, datamodule)
             print(

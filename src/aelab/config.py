@@ -54,7 +54,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         model.dropout,
         "use a rate in [0, 1)",
     )
-    for key in ("l1_weight", "noise_variance"):
+    for key in ("l1_weight", "noise_variance", "weight_decay"):
         value = model[key]
         _require(_is_number(value) and value >= 0, f"model.{key}", value, "use a number >= 0")
     _require(

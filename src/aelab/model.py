@@ -127,6 +127,7 @@ class Autoencoder(LightningModule):
         activation: str = "relu",
         batch_norm: bool = False,
         lr_schedule: str = "constant",
+        weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         hidden_dims = list(hidden_dims) if hidden_dims else DEFAULT_HIDDEN_DIMS[depth]
@@ -251,9 +252,18 @@ class Autoencoder(LightningModule):
         clipped_mixed = (
             trainer is not None and trainer.gradient_clip_val and "mixed" in trainer.precision
         )
-        optimizer = torch.optim.Adam(
-            self.parameters(), lr=self.hparams.lr, fused=not clipped_mixed
-        )
+        # weight decay is decoupled from the gradient (AdamW); without it, plain Adam
+        if self.hparams.weight_decay > 0:
+            optimizer = torch.optim.AdamW(
+                self.parameters(),
+                lr=self.hparams.lr,
+                weight_decay=self.hparams.weight_decay,
+                fused=not clipped_mixed,
+            )
+        else:
+            optimizer = torch.optim.Adam(
+                self.parameters(), lr=self.hparams.lr, fused=not clipped_mixed
+            )
         if self.hparams.lr_schedule == "constant":
             return optimizer
         return {

@@ -401,11 +401,16 @@ def describe_recipe(run) -> str:
         lr = f"a constant learning rate of {run['lr']:g}"
     else:
         lr = f"a {run['lr_schedule']} learning rate peaking at {run['lr']:g}"
+    # runs from before these settings existed trained without weight decay, in fp32
+    decay = run.get("weight_decay")
+    optimizer = f"AdamW (weight decay {decay:g})" if decay and decay > 0 else "Adam"
+    precision = run.get("precision")
+    precision = "" if precision in (None, "32-true") or pd.isna(precision) else f", {precision}"
     epochs = int(run["max_epochs"])
     return (
         f"depth {run['depth']}, hidden widths {hidden}, {run['activation']}, batch norm "
-        f"{'on' if run['batch_norm'] else 'off'}, Adam with {lr}, batch {run['batch_size']}, "
-        f"{epochs} epoch{'' if epochs == 1 else 's'}"
+        f"{'on' if run['batch_norm'] else 'off'}, {optimizer} with {lr}, "
+        f"batch {run['batch_size']}, {epochs} epoch{'' if epochs == 1 else 's'}{precision}"
     )
 
 

@@ -31,6 +31,8 @@ CONFIG_COLUMNS = {
     "model.noise_variance": "noise_variance",
     "model.lr": "lr",
     "model.lr_schedule": "lr_schedule",
+    "model.weight_decay": "weight_decay",
+    "trainer.precision": "precision",
     "data.batch_size": "batch_size",
     "trainer.max_epochs": "max_epochs",
     "seed": "seed",
