@@ -518,7 +518,8 @@ def ablation_section(ablation: pd.DataFrame) -> list[str]:
     for (dataset, code), runs in ablation.groupby(["dataset", "code_dim"], sort=False):
         full = runs[runs["ablation"] == "none"]
         reference = full.iloc[0]["test/mse"] if not full.empty else math.nan
-        for _, run in runs.iterrows():
+        # the full recipe first, then the changes in the order the sweep ran them
+        for _, run in pd.concat([full, runs[runs["ablation"] != "none"]]).iterrows():
             rows.append(
                 {
                     "change to the best recipe": run["ablation"],
