@@ -55,7 +55,6 @@ def test_best_recipe_changes_only_what_it_names(tmp_path):
         "model.lr",
         "model.lr_schedule",
         "trainer.max_epochs",
-        "trainer.precision",
     }
     # a command-line override still wins over the recipe
     assert compose_config("train", ["recipe=best", "model.lr=1e-4"], tmp_path).model.lr == 1e-4
@@ -78,7 +77,7 @@ def test_recipe_experiments_sweep_their_grid(experiment, swept, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "ablation", ["relu", "no_batch_norm", "constant_lr", "seed_widths", "seed_epochs", "fp32"]
+    "ablation", ["relu", "no_batch_norm", "constant_lr", "seed_widths", "seed_epochs"]
 )
 def test_each_ablation_takes_one_ingredient_back_to_the_seed(ablation, tmp_path):
     best = compose_config("train", ["recipe=best"], tmp_path)
