@@ -74,19 +74,28 @@ PRECISIONS = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed"
 def matmul_peak(
     device: torch.device, now: Callable[[], float], dtype: torch.dtype, repeats: int = 5
 ) -> float:
-    """FLOP/s of the best of a few large matrix products of `dtype` on `device`."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = now()
+    """FLOP/s of the best of a few large square matrix products of `dtype` on `device`.
+
+    The size doubles from 256 while a product takes under 0.1 s, up to 2048 (8192 on a
+    GPU): hardware that only emulates `dtype` (bfloat16 on CPUs without AVX512-BF16 or
+    AMX, about 1 GFLOP/s) is measured in a second rather than in minutes.
+    """
+    largest = 8192 if device.type == "cuda" else 2048
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b
-        synchronize(device)
-        best = min(best, now() - start)
-    return 2 * n**3 / best
+        best = math.inf
+        for _ in range(repeats):
+            synchronize(device)
+            start = now()
+            a @ b
+            synchronize(device)
+            best = min(best, now() - start)
+        if n >= largest or best > 0.1:
+            return 2 * n**3 / best
+        n *= 2
 
 
 def peak_name(dtype: torch.dtype) -> str:
