@@ -1,12 +1,16 @@
 import json
+import logging
+import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import compose_config, run_script, tiny_overrides
 
+from aelab import training
 from aelab.evaluation import evaluate
-from aelab.training import train
+from aelab.training import bfloat16_slowdown, train, warn_if_bfloat16_is_emulated
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +145,23 @@ def test_recipe_knobs_train_and_evaluate_from_the_checkpoint(train_config, data_
     ]
     evaluated = evaluate(compose_config("evaluate", overrides, tmp_path / "eval"))
     assert evaluated["test/mse"] == pytest.approx(trained["test/mse"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("precision", "slowdown", "warned"),
+    [("bf16-mixed", 25.0, True), ("bf16-mixed", 0.5, False), ("32-true", 25.0, False)],
+)
+def test_bfloat16_is_warned_only_where_the_cpu_emulates_it(
+    precision, slowdown, warned, monkeypatch, caplog
+):
+    trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False)
+    monkeypatch.setattr(training, "bfloat16_slowdown", lambda: slowdown)
+    with caplog.at_level(logging.WARNING, logger="aelab.training"):
+        warn_if_bfloat16_is_emulated(trainer)
+    assert ("25x slower than fp32" in caplog.text) == warned
+    assert ("use trainer.precision=32-true" in caplog.text) == warned
+
+
+def test_bfloat16_slowdown_is_a_measured_ratio():
+    slowdown = bfloat16_slowdown(size=64, repeats=2)
+    assert math.isfinite(slowdown) and slowdown > 0

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -30,6 +32,42 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # steps between redraws of the progress bar: Lightning's default redraws it every step,
 # which costs a terminal write and a metrics lookup each time
 PROGRESS_BAR_REFRESH_RATE = 50
+
+
+# how much slower than fp32 bfloat16 matrix products may be before a run is warned: where
+# they are native (AVX512-BF16, AMX) they are faster, emulated they are 20-30x slower
+BFLOAT16_SLOWDOWN_WARNING = 4.0
+
+
+def bfloat16_slowdown(size: int = 256, repeats: int = 3) -> float:
+    """Time of a bfloat16 matrix product on the CPU over that of the same fp32 product."""
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.rand(size, size, dtype=dtype), torch.rand(size, size, dtype=dtype)
+        a @ b
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            timings.append(time.perf_counter() - start)
+        seconds[dtype] = min(timings)
+    return seconds[torch.bfloat16] / seconds[torch.float32]
+
+
+def warn_if_bfloat16_is_emulated(trainer: L.Trainer) -> None:
+    """Say so when a run trains in bfloat16 on a CPU that only emulates its products."""
+    if not str(trainer.precision).startswith("bf16"):
+        return
+    if trainer.strategy.root_device.type != "cpu":
+        return
+    slowdown = bfloat16_slowdown()
+    if slowdown > BFLOAT16_SLOWDOWN_WARNING:
+        log.warning(
+            "trainer.precision=%s is slow here: this CPU multiplies bfloat16 matrices %.0fx "
+            "slower than fp32 (no AVX512-BF16 or AMX); use trainer.precision=32-true",
+            trainer.precision,
+            slowdown,
+        )
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -116,6 +154,7 @@ def train(cfg: DictConfig) -> float:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
     )
+    warn_if_bfloat16_is_emulated(trainer)
 
     # fit, then test the checkpoint with the best validation loss
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
