@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +11,13 @@ from conftest import compose_config, run_script, tiny_overrides
 
 from aelab import training
 from aelab.evaluation import evaluate
-from aelab.training import bfloat16_slowdown, train, warn_if_bfloat16_is_emulated
+from aelab.training import (
+    NVML_GPU_COUNT,
+    bfloat16_slowdown,
+    count_gpus_directly_where_there_are_none,
+    train,
+    warn_if_bfloat16_is_emulated,
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +172,11 @@ def test_bfloat16_is_warned_only_where_the_cpu_emulates_it(
 def test_bfloat16_slowdown_is_a_measured_ratio():
     slowdown = bfloat16_slowdown(size=64, repeats=2)
     assert math.isfinite(slowdown) and slowdown > 0
+
+
+@pytest.mark.parametrize(("gpus", "counted_by"), [(False, "0"), (True, "1")])
+def test_gpus_are_counted_through_nvml_only_where_there_are_some(gpus, counted_by, monkeypatch):
+    monkeypatch.setenv(NVML_GPU_COUNT, "1")  # as Lightning sets it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus)
+    count_gpus_directly_where_there_are_none()
+    assert os.environ[NVML_GPU_COUNT] == counted_by

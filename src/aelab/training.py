@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +33,23 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # steps between redraws of the progress bar: Lightning's default redraws it every step,
 # which costs a terminal write and a metrics lookup each time
 PROGRESS_BAR_REFRESH_RATE = 50
+
+
+# Lightning sets this so that counting GPUs goes through NVML and does not start CUDA in a
+# process that may fork
+NVML_GPU_COUNT = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def count_gpus_directly_where_there_are_none() -> None:
+    """Turn off the NVML way of counting GPUs on a machine that has none.
+
+    torch caches the count only once CUDA has started, so without a GPU every optimizer
+    step reopens the NVML library to count again: about 0.2 ms a step on a 2-core CPU, 2%
+    of a step of the study's model. With no GPU there is no CUDA to start, and the direct
+    count is cached.
+    """
+    if os.environ.get(NVML_GPU_COUNT) == "1" and not torch.cuda.is_available():
+        os.environ[NVML_GPU_COUNT] = "0"
 
 
 # how much slower than fp32 bfloat16 matrix products may be before a run is warned: where
@@ -138,6 +156,7 @@ def train(cfg: DictConfig) -> float:
     """Fit, test the best checkpoint and write `metrics.json`; return the last val PSNR."""
     validate_train_config(cfg)
     prepare_job(cfg)
+    count_gpus_directly_where_there_are_none()
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     output_dir = Path(cfg.paths.output_dir)
     # Limitation: identical metrics for the same seed are guaranteed on the CPU only.
