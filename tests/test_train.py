@@ -11,9 +11,9 @@ from conftest import compose_config, run_script, tiny_overrides
 
 from aelab import training
 from aelab.evaluation import evaluate
+from aelab.hardware import bfloat16_slowdown
 from aelab.training import (
     NVML_GPU_COUNT,
-    bfloat16_slowdown,
     count_gpus_directly_where_there_are_none,
     train,
     warn_if_bfloat16_is_emulated,

@@ -53,6 +53,7 @@ from torchvision.transforms import ToTensor
 
 from aelab.data import DATASETS, ImageDataModule
 from aelab.evaluation import model_from_checkpoint, read_checkpoint
+from aelab.hardware import matmul_seconds, synchronize
 from aelab.model import Autoencoder, corrupt
 from aelab.training import train
 
@@ -60,11 +61,6 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # wall time is what a run costs; the process's CPU time is steadier on a busy machine
 # (use it with --threads 1, as idle threads also count)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # the matrix products' number type under each trainer precision the benchmark offers
@@ -83,16 +79,7 @@ def matmul_peak(
     largest = 8192 if device.type == "cuda" else 2048
     n = 256
     while True:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
-        best = math.inf
-        for _ in range(repeats):
-            synchronize(device)
-            start = now()
-            a @ b
-            synchronize(device)
-            best = min(best, now() - start)
+        best = matmul_seconds(n, dtype, device, now, repeats)
         if n >= largest or best > 0.1:
             return 2 * n**3 / best
         n *= 2

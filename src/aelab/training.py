@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import time
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from aelab.checkpoint import DATAMODULE_KEY, AtomicCheckpointIO, read_checkpoint
 from aelab.config import validate_train_config
 from aelab.data import ImageDataModule
 from aelab.errors import CheckpointError
+from aelab.hardware import bfloat16_slowdown
 from aelab.model import Autoencoder
 from aelab.scale import prepare_job
 
@@ -55,21 +55,6 @@ def count_gpus_directly_where_there_are_none() -> None:
 # how much slower than fp32 bfloat16 matrix products may be before a run is warned: where
 # they are native (AVX512-BF16, AMX) they are faster, emulated they are 20-30x slower
 BFLOAT16_SLOWDOWN_WARNING = 4.0
-
-
-def bfloat16_slowdown(size: int = 256, repeats: int = 3) -> float:
-    """Time of a bfloat16 matrix product on the CPU over that of the same fp32 product."""
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.rand(size, size, dtype=dtype), torch.rand(size, size, dtype=dtype)
-        a @ b
-        timings = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            timings.append(time.perf_counter() - start)
-        seconds[dtype] = min(timings)
-    return seconds[torch.bfloat16] / seconds[torch.float32]
 
 
 def warn_if_bfloat16_is_emulated(trainer: L.Trainer) -> None:
